@@ -1,0 +1,195 @@
+"""Preprocessing speed and memory: our pipeline vs bare jieba, on the sample corpus at 1x and 10x.
+
+    python benchmarks/bench_preprocess.py [--repeat 10] [--process_num N]
+
+Corpus: data/pretrain_corpus.txt with the spaces between tokens removed, so the word segmenter has
+the raw text to work on (29k reviews and paragraphs); the 10x corpus is that file repeated.
+Every measurement runs in a fresh Python process, so peak memory is its own.
+  jieba      jieba.lcut on every line, one process (dictionary loaded before the clock starts)
+  pipeline   end to end: build_vocabulary (word style) + save + load_or_build_token_cache, a miss
+  reload     Vocabulary.load + load_or_build_token_cache on the existing cache + reading its arrays,
+             compared with the pipeline run that built both
+Peak memory (of the pipeline run) = the process's VmHWM + process_num x the largest tokenizing
+worker's peak (0 workers when it tokenizes in-process).
+The last line is the summary, checked by scripts; everything printed also goes to
+benchmarks/results/preprocess.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORK = ROOT / "benchmarks" / "work"
+RESULTS = ROOT / "benchmarks" / "results" / "preprocess.txt"
+VOCAB_SIZE = 50_000
+
+
+# ----------------------------------------------------------------------------- measured in a child
+def peak_rss_mib(workers: int) -> dict:
+    """This process's peak RSS, the largest reaped child's, and own + workers x child, in MiB.
+
+    `workers` is 0 when tokenizing ran in this process (any child was not a tokenizer).
+    """
+    with open("/proc/self/status") as f:
+        own = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"own_mib": own, "child_mib": child, "total_mib": own + workers * child}
+
+
+def run_jieba(corpus: str) -> dict:
+    import jieba
+    jieba.setLogLevel(60)
+    jieba.initialize()
+    start, lines = time.perf_counter(), 0
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                jieba.lcut(line.rstrip("\n"))
+                lines += 1
+    return {"lines": lines, "seconds": time.perf_counter() - start, **peak_rss_mib(0)}
+
+
+def run_pipeline(corpus: str, cache_dir: str, process_num: int | None) -> dict:
+    import h5py
+
+    import data_util_hdf5 as du
+    workers = du.resolve_process_num(process_num, "word")
+    start = time.perf_counter()
+    vocab = du.build_vocabulary([corpus], "word", VOCAB_SIZE, process_num=process_num)
+    vocab.save(os.path.join(cache_dir, "vocab.txt"))
+    vocab_seconds = time.perf_counter() - start
+    cache = du.load_or_build_token_cache(corpus, vocab, "word", cache_dir, process_num=process_num)
+    seconds = time.perf_counter() - start
+    with h5py.File(cache, "r") as h5:  # shapes only: holding the ids would grow with the corpus
+        lines, tokens = h5["offsets"].shape[0] - 1, h5["input_ids"].shape[0]
+    return {"lines": lines, "tokens": tokens, "seconds": seconds,
+            "vocab_seconds": vocab_seconds, "cache_seconds": seconds - vocab_seconds,
+            "backend": du.word_backend(), **peak_rss_mib(workers if workers > 1 else 0)}
+
+
+def run_reload(corpus: str, cache_dir: str) -> dict:
+    import data_util_hdf5 as du
+    start = time.perf_counter()
+    vocab = du.Vocabulary.load(os.path.join(cache_dir, "vocab.txt"))
+    cache = du.load_or_build_token_cache(corpus, vocab, "word", cache_dir)
+    ids, offsets = du.read_token_cache(cache)
+    return {"lines": len(offsets) - 1, "seconds": time.perf_counter() - start, **peak_rss_mib(0)}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    if args.child == "jieba":
+        result = run_jieba(args.corpus)
+    elif args.child == "pipeline":
+        result = run_pipeline(args.corpus, args.cache_dir, args.process_num)
+    else:
+        result = run_reload(args.corpus, args.cache_dir)
+    print("RESULT " + json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- driver
+def in_fresh_process(kind: str, corpus: Path, cache_dir: Path | None = None,
+                     process_num: int | None = None, env: dict | None = None) -> dict:
+    command = [sys.executable, __file__, "--child", kind, "--corpus", str(corpus)]
+    if cache_dir:
+        command += ["--cache_dir", str(cache_dir)]
+    if process_num:
+        command += ["--process_num", str(process_num)]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        sys.exit(f"error: the {kind} run on {corpus} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.rsplit("RESULT ", 1)[1])
+
+
+def make_corpora(repeat: int) -> tuple[Path, Path]:
+    from data.prepare import ensure_sample_data
+    source = ensure_sample_data()["pretrain"]
+    WORK.mkdir(parents=True, exist_ok=True)
+    single, repeated = WORK / "raw_1x.txt", WORK / f"raw_{repeat}x.txt"
+    with open(source, encoding="utf-8") as f:
+        text = "".join("".join(line.split()) + "\n" for line in f)
+    single.write_text(text, encoding="utf-8")
+    with open(repeated, "w", encoding="utf-8") as f:
+        for _ in range(repeat):
+            f.write(text)
+    return single, repeated
+
+
+def measure(corpus: Path, label: str, process_num: int | None, out) -> dict:
+    cache_dir = WORK / f"cache_{label}"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True)
+    jieba = in_fresh_process("jieba", corpus)
+    ours = in_fresh_process("pipeline", corpus, cache_dir, process_num)
+    reload = in_fresh_process("reload", corpus, cache_dir)
+    jieba_rate, our_rate = jieba["lines"] / jieba["seconds"], ours["lines"] / ours["seconds"]
+    speedup, reload_speedup = our_rate / jieba_rate, ours["seconds"] / reload["seconds"]
+    out(f"{label:>4} {ours['lines']:>8,} lines | jieba.lcut {jieba_rate:>6,.0f} lines/s | "
+        f"pipeline ({ours['backend']}) {our_rate:>6,.0f} lines/s = {speedup:.2f}x (vocab pass "
+        f"{ours['vocab_seconds']:.1f} s, cache pass {ours['cache_seconds']:.1f} s) | reload "
+        f"{reload['seconds']:.2f} s = {reload_speedup:.0f}x faster than building | peak "
+        f"{ours['total_mib']:.0f} MiB (jieba.lcut alone {jieba['own_mib']:.0f})")
+    return {"speedup": speedup, "reload": reload_speedup, "rss": ours["total_mib"],
+            "jieba_rate": jieba_rate}
+
+
+def variant(corpus: Path, label: str, process_num: int | None, env: dict, jieba_rate: float,
+            out) -> None:
+    """An informational 1x pipeline run with other settings."""
+    cache_dir = WORK / "cache_variant"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True)
+    ours = in_fresh_process("pipeline", corpus, cache_dir, process_num, env)
+    rate, cache_rate = ours["lines"] / ours["seconds"], ours["lines"] / ours["cache_seconds"]
+    out(f"  1x {label}: {rate:,.0f} lines/s end to end = {rate / jieba_rate:.2f}x jieba.lcut; "
+        f"cache pass alone {cache_rate:,.0f} lines/s = {cache_rate / jieba_rate:.2f}x; peak "
+        f"{ours['total_mib']:.0f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--process_num", type=int, default=None)
+    parser.add_argument("--skip_variants", action="store_true",
+                        help="skip the informational runs (one process, plain jieba)")
+    parser.add_argument("--child", choices=["jieba", "pipeline", "reload"], help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    lines = []
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    out(f"preprocessing benchmark, {os.cpu_count()} cores, process_num="
+        f"{args.process_num or 'default'}, vocab_size={VOCAB_SIZE:,}")
+    single, repeated = make_corpora(args.repeat)
+    small = measure(single, "1x", args.process_num, out)
+    large = measure(repeated, f"{args.repeat}x", args.process_num, out)
+    if not args.skip_variants:
+        variant(single, "rjieba in-process (--process_num 1)", 1, {}, small["jieba_rate"], out)
+        variant(single, "WORD_BACKEND=jieba (no rjieba), default pool", None,
+                {"WORD_BACKEND": "jieba"}, small["jieba_rate"], out)
+    out(f"preprocess speedup_vs_jieba={min(small['speedup'], large['speedup']):.2f} "
+        f"cache_reload_speedup={min(small['reload'], large['reload']):.1f} "
+        f"rss_ratio_10x={large['rss'] / small['rss']:.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

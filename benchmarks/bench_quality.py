@@ -1,0 +1,320 @@
+"""Does masked-LM pretraining lift F1 over a tuned from-scratch model, and over fastText / TF-IDF?
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/bench_quality.py            # the README figures (about 90 minutes on 2 cores)
+    python benchmarks/bench_quality.py --quick    # every row, tiny settings, for checking (~10 min)
+
+For each sample task (sentiment, entities) and label budget (small: 1,000 labelled training lines;
+full: the whole training split) it trains fastText and TF-IDF + logistic regression (tuned on
+valid), and the TextCNN and Transformer classifiers from scratch and fine-tuned from a masked-LM
+pretraining on the training-split text of both tasks (every learning rate of its grid tried, the
+best picked on valid). The neural runs call the user-facing scripts, so the figures are what a
+user gets. Writes benchmarks/results/quality.json, quality.md and quality.png.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data_util_hdf5 as du  # noqa: E402
+import train_util as tu  # noqa: E402
+from data.prepare import ensure_sample_data  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+WORK = os.path.join(ROOT, "benchmarks", "work")
+TASKS = ("sentiment", "entities")
+BUDGETS = ("small", "full")
+SMALL_BUDGET_LINES = 1000
+MODELS = ("fasttext", "tfidf_lr", "textcnn_scratch", "textcnn_pretrained",
+          "transformer_scratch", "transformer_pretrained")
+
+# What the README figures use. Sequence lengths cover ~95% of each task's lines.
+FULL = {
+    "sequence_length": {"sentiment": 64, "entities": 96},
+    "pretrain": {"textcnn": ["--preset=small", "--num_epochs=8", "--learning_rate=1e-3"],
+                 "transformer": ["--preset=small", "--num_layer=4", "--num_epochs=8",
+                                 "--learning_rate=5e-4", "--warmup_steps=300"]},
+    "model": {"textcnn": ["--preset=small"], "transformer": ["--preset=small", "--num_layer=4"]},
+    "epochs": {"small": 15, "full": 5},
+    "scratch_lr": (3e-4, 1e-3, 3e-3),
+    "pretrained_lr": (1e-4, 3e-4, 1e-3),
+    "fasttext_grid": [(lr, ep) for lr in (0.5, 1.0) for ep in (25, 50)],
+    "tfidf_c": (1.0, 10.0, 100.0),
+}
+QUICK = {
+    "sequence_length": {"sentiment": 32, "entities": 48},
+    "pretrain": {"textcnn": ["--preset=tiny", "--num_epochs=1", "--learning_rate=1e-3"],
+                 "transformer": ["--preset=tiny", "--num_layer=2", "--num_epochs=1",
+                                 "--learning_rate=5e-4"]},
+    "model": {"textcnn": ["--preset=tiny"], "transformer": ["--preset=tiny", "--num_layer=2"]},
+    "epochs": {"small": 2, "full": 1},
+    "scratch_lr": (1e-3,),
+    "pretrained_lr": (3e-4,),
+    "fasttext_grid": [(0.5, 5)],
+    "tfidf_c": (10.0,),
+}
+
+
+# ------------------------------------------------------------------------------ data
+def read_labelled(path: str) -> tuple[list[str], list[list[str]]]:
+    texts, labels = [], []
+    for _, line in du.read_lines(path):
+        text, line_labels = du.parse_label_line(line)
+        if line_labels:
+            texts.append(text.strip())
+            labels.append(line_labels)
+    return texts, labels
+
+
+def small_budget_file(train_file: str, task: str, seed: int = 42) -> str:
+    """1,000 training lines drawn with a fixed seed (the rest counts as unlabelled text)."""
+    lines = open(train_file, encoding="utf-8").read().splitlines()
+    chosen = np.random.default_rng(seed).choice(len(lines), SMALL_BUDGET_LINES, replace=False)
+    path = os.path.join(WORK, task, "train_small.txt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines[i] for i in sorted(chosen)) + "\n")
+    return path
+
+
+def multi_hot(labels: list[list[str]], names: list[str]) -> np.ndarray:
+    index = {n: i for i, n in enumerate(names)}
+    out = np.zeros((len(labels), len(names)), np.uint8)
+    for row, line_labels in enumerate(labels):
+        for label in line_labels:
+            if label in index:
+                out[row, index[label]] = 1
+    return out
+
+
+# --------------------------------------------------------------------- classic models
+def run_tfidf(files: dict, grid) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    start = time.time()
+    data = {split: read_labelled(path) for split, path in files.items()}
+    names = du.build_label_list(files["train"])
+    vectorizer = TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), sublinear_tf=True,
+                                 min_df=2)
+    x = {"train": vectorizer.fit_transform(data["train"][0])}
+    x.update({s: vectorizer.transform(data[s][0]) for s in ("valid", "test")})
+    y = {s: multi_hot(data[s][1], names) for s in data}
+    best = None
+    for c in grid:
+        model = OneVsRestClassifier(LogisticRegression(C=c, max_iter=2000))
+        model.fit(x["train"], y["train"])
+        valid = tu.f1_scores(y["valid"], model.predict_proba(x["valid"]))["f1"]
+        if best is None or valid > best[0]:
+            best = (valid, c, model)
+    test = tu.f1_scores(y["test"], best[2].predict_proba(x["test"]))
+    return classic_row(test, best[0], f"C={best[1]}", time.time() - start)
+
+
+def run_fasttext(files: dict, grid, multi_label: bool) -> dict:
+    import fasttext
+
+    start = time.time()
+    names = du.build_label_list(files["train"])
+    data = {s: read_labelled(p) for s, p in files.items()}
+    y = {s: multi_hot(data[s][1], names) for s in data}
+    best = None
+    for lr, epoch in grid:
+        # thread >= 2: with one thread fastText 0.9.3 leaves weights uninitialised (BASELINES.md)
+        model = fasttext.train_supervised(files["train"], lr=lr, epoch=epoch, wordNgrams=2,
+                                          dim=100, loss="ova" if multi_label else "softmax",
+                                          thread=2, seed=1, verbose=0)
+        valid = tu.f1_scores(y["valid"], fasttext_probs(model, data["valid"][0], names))["f1"]
+        if best is None or valid > best[0]:
+            best = (valid, (lr, epoch), model)
+    test = tu.f1_scores(y["test"], fasttext_probs(best[2], data["test"][0], names))
+    return classic_row(test, best[0], f"lr={best[1][0]} epoch={best[1][1]}", time.time() - start)
+
+
+def fasttext_probs(model, texts: list[str], names: list[str]) -> np.ndarray:
+    labels, probs = model.predict(texts, k=-1, threshold=0.0)
+    out = np.zeros((len(texts), len(names)))
+    index = {n: i for i, n in enumerate(names)}
+    for row, (row_labels, row_probs) in enumerate(zip(labels, probs)):
+        for label, p in zip(row_labels, row_probs):
+            name = label.replace("__label__", "")
+            if name in index:
+                out[row, index[name]] = p
+    return out
+
+
+def classic_row(test: dict, valid_f1: float, chosen: str, seconds: float) -> dict:
+    return {"test_micro_f1": test["micro_f1"], "test_macro_f1": test["macro_f1"],
+            "test_f1": test["f1"], "valid_f1_epoch1": None, "valid_f1_best": valid_f1,
+            "seconds": round(seconds, 1), "chosen": chosen}
+
+
+# ---------------------------------------------------------------------- neural models
+def run_script(script: str, flags: list[str], log_name: str) -> dict:
+    """Run one of the user-facing scripts; return its summary line as a dict."""
+    os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
+    log_path = os.path.join(WORK, "logs", log_name + ".log")
+    with open(log_path, "w", encoding="utf-8") as log:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+        log.write(result.stdout)
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} failed, see {log_path}")
+    last = [line for line in result.stdout.splitlines() if "=" in line and " " in line][-1]
+    return dict(part.split("=", 1) for part in last.split()[1:])
+
+
+def pretrain(backbone: str, settings: dict) -> dict:
+    run_dir = os.path.join(WORK, f"lm_{backbone}")
+    start = time.time()
+    values = run_script("train_bert_lm.py", [f"--backbone={backbone}", f"--ckpt_dir={run_dir}",
+                                             "--sequence_length_lm=64",
+                                             *settings["pretrain"][backbone]],
+                        f"pretrain_{backbone}")
+    values["seconds"] = round(time.time() - start, 1)
+    values["flags"] = " ".join(settings["pretrain"][backbone])
+    values["run_dir"] = run_dir
+    return values
+
+
+def run_classifier(kind: str, backbone: str, task: str, budget: str, files: dict,
+                   settings: dict, pretrained_dir: str | None) -> dict:
+    """Every learning rate of the grid; the best on validation F1 is reported on test."""
+    grid = settings["pretrained_lr" if pretrained_dir else "scratch_lr"]
+    common = [f"--training_data_file={files['train']}", f"--valid_data_file={files['valid']}",
+              f"--test_data_file={files['test']}", f"--num_epochs={settings['epochs'][budget]}",
+              f"--sequence_length={settings['sequence_length'][task]}", "--batch_size=32"]
+    runs = []
+    for lr in grid:
+        run_dir = os.path.join(WORK, task, budget, f"{kind}_lr{lr:g}")
+        start = time.time()
+        if pretrained_dir:
+            values = run_script("train_bert_fine_tuning.py",
+                                [*common, f"--pretrained_dir={pretrained_dir}",
+                                 f"--learning_rate={lr}", f"--ckpt_dir_save={run_dir}"],
+                                f"{task}_{budget}_{kind}_{lr:g}")
+        else:
+            values = run_script("train_transform.py",
+                                [*common, f"--backbone={backbone}", *settings["model"][backbone],
+                                 f"--learning_rate={lr}", f"--ckpt_dir_save={run_dir}"],
+                                f"{task}_{budget}_{kind}_{lr:g}")
+        history = json.load(open(os.path.join(run_dir, "history.json"), encoding="utf-8"))
+        runs.append({"lr": lr, "values": values, "history": [h["val_f1"] for h in history],
+                     "seconds": round(time.time() - start, 1)})
+        print(f"  {task}/{budget} {kind} lr={lr:g}: valid best {max(runs[-1]['history']):.4f}, "
+              f"test {float(values['test_f1']):.4f}", flush=True)
+    best = max(runs, key=lambda r: max(r["history"]))
+    v = best["values"]
+    return {"test_micro_f1": float(v["test_micro_f1"]), "test_macro_f1": float(v["test_macro_f1"]),
+            "test_f1": float(v["test_f1"]), "valid_f1_epoch1": best["history"][0],
+            "valid_f1_best": max(best["history"]), "seconds": best["seconds"],
+            "seconds_all_lr": round(sum(r["seconds"] for r in runs), 1),
+            "chosen": f"lr={best['lr']:g}", "valid_curve": best["history"],
+            "lr_grid": {f"{r['lr']:g}": max(r["history"]) for r in runs}}
+
+
+# ----------------------------------------------------------------------------- report
+def write_table(results: dict, pretraining: dict, settings_name: str, seconds: float) -> str:
+    lines = [f"Test average F1 ((micro + macro) / 2); settings: {settings_name}; "
+             f"total {seconds / 60:.0f} min on {os.cpu_count()} CPU cores.", ""]
+    for task in results:
+        lines += [f"**{task}**", "",
+                  "| model | budget | test micro-F1 | test macro-F1 | test F1 | valid F1 epoch 1 "
+                  "| valid F1 best | chosen | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+        for budget in results[task]:
+            for name, r in results[task][budget].items():
+                epoch1 = "–" if r["valid_f1_epoch1"] is None else f"{r['valid_f1_epoch1']:.3f}"
+                lines.append(f"| {name} | {budget} | {r['test_micro_f1']:.3f} | "
+                             f"{r['test_macro_f1']:.3f} | **{r['test_f1']:.3f}** | {epoch1} | "
+                             f"{r['valid_f1_best']:.3f} | {r['chosen']} | {r['seconds']:.0f} |")
+        lines.append("")
+    lines.append("Pretraining (once per backbone, on the training-split text of both tasks):")
+    for backbone, p in pretraining.items():
+        lines.append(f"- {backbone}: {p['flags']}, {p.get('epochs')} epochs, {p.get('steps')} "
+                     f"steps, {p['seconds']:.0f} s, best valid masked-LM accuracy "
+                     f"{float(p['best_valid_mlm_accuracy']):.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [(t, b) for t in results for b in results[t]]
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.5 * len(cells), 3.8), squeeze=False)
+    for ax, (task, budget) in zip(axes[0], cells):
+        for name, r in results[task][budget].items():
+            if r.get("valid_curve"):
+                curve = r["valid_curve"]
+                ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3, label=name)
+            else:
+                ax.axhline(r["valid_f1_best"], ls="--", lw=1, label=name,
+                           color="grey" if name == "fasttext" else "black")
+        ax.set_title(f"{task}, {budget} budget")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("valid average F1")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings, for checking")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--budgets", default=",".join(BUDGETS))
+    args = parser.parse_args()
+    settings = QUICK if args.quick else FULL
+    suffix = "_quick" if args.quick else ""
+    start = time.time()
+    sample = ensure_sample_data()
+    os.makedirs(RESULTS, exist_ok=True)
+
+    pretraining = {b: pretrain(b, settings) for b in ("textcnn", "transformer")}
+    print("pretraining:", json.dumps(pretraining), flush=True)
+    results: dict = {}
+    for task in args.tasks.split(","):
+        for budget in args.budgets.split(","):
+            files = dict(sample[task])
+            if budget == "small":
+                files["train"] = small_budget_file(files["train"], task)
+            cell = results.setdefault(task, {}).setdefault(budget, {})
+            cell["fasttext"] = run_fasttext(files, settings["fasttext_grid"], task == "entities")
+            cell["tfidf_lr"] = run_tfidf(files, settings["tfidf_c"])
+            for backbone in ("textcnn", "transformer"):
+                cell[f"{backbone}_scratch"] = run_classifier(
+                    f"{backbone}_scratch", backbone, task, budget, files, settings, None)
+                cell[f"{backbone}_pretrained"] = run_classifier(
+                    f"{backbone}_pretrained", backbone, task, budget, files, settings,
+                    pretraining[backbone]["run_dir"])
+            print(json.dumps({task: {budget: {m: round(r["test_f1"], 4)
+                                              for m, r in cell.items()}}}), flush=True)
+            tu.write_json(os.path.join(RESULTS, f"quality{suffix}.json"), results)
+
+    seconds = time.time() - start
+    tu.write_json(os.path.join(RESULTS, f"quality{suffix}_meta.json"),
+                  {"settings": "quick" if args.quick else "full", "pretraining": pretraining,
+                   "seconds": round(seconds), "cpu_count": os.cpu_count(),
+                   "flags": {k: v for k, v in settings.items()}})
+    table = write_table(results, pretraining, "quick" if args.quick else "full", seconds)
+    open(os.path.join(RESULTS, f"quality{suffix}.md"), "w", encoding="utf-8").write(table)
+    plot(results, os.path.join(RESULTS, f"quality{suffix}.png"))
+    print(table)
+    print(f"quality seconds={seconds:.0f} " + " ".join(
+        f"{t}_{b}_{m}={r['test_f1']:.4f}" for t in results for b in results[t]
+        for m, r in results[t][b].items()))
+
+
+if __name__ == "__main__":
+    main()

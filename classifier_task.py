@@ -1,0 +1,185 @@
+"""Multi-label classification: the flags, data and training loop that fine-tuning (from a
+pretrained backbone) and training from scratch share. The scripts call these in order."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import flags
+
+import data_util_hdf5 as du
+import model
+import train_util as tu
+from data.prepare import ensure_sample_data
+
+FLAGS = flags.FLAGS
+TEST_MODE_LINES = {"train": 2000, "valid": 400, "test": 400}
+
+
+def define_flags(default_learning_rate: float, default_ckpt_dir: str) -> None:
+    """Flags common to train_bert_fine_tuning.py and train_transform.py."""
+    tu.define_common_flags(default_learning_rate, 0.0, "Use a small slice of each file, the "
+                           "tiny preset (from scratch) and two epochs, to try an idea quickly.")
+    flags.DEFINE_string("task", "entities", "Sample task used when the data files are not given: "
+                        "'entities' (multi-label, People's Daily) or 'sentiment' (reviews).")
+    flags.DEFINE_string("training_data_file", None, "Labelled training file, one example a line: "
+                        "'token1 token2 __label__a __label__b'. Default: the sample --task's.")
+    flags.DEFINE_string("valid_data_file", None, "Labelled validation file (picks the best epoch).")
+    flags.DEFINE_string("test_data_file", None, "Labelled test file (the final report).")
+    flags.DEFINE_string("ckpt_dir_save", default_ckpt_dir, "Run directory for the classifier: "
+                        "weights, config, vocabulary, labels, reports, logs. predict.py reads it.")
+    flags.DEFINE_integer("sequence_length", 200, "Tokens per example including [CLS]; longer text "
+                         "is cut, shorter padded. Must not exceed the backbone's max_position.")
+
+
+@dataclass
+class ClassificationData:
+    vocab: du.Vocabulary
+    labels: list[str]
+    tokenize_style: str
+    splits: dict  # split -> (input_ids int32 [N,T], multi-hot uint8 [N,L])
+
+    def dataset(self, split: str, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+        ids, gold = self.splits[split]
+        data = tf.data.Dataset.from_tensor_slices((features(ids), gold.astype(np.float32)))
+        if shuffle:
+            data = data.shuffle(len(ids), seed=seed, reshuffle_each_iteration=True)
+        return data.batch(FLAGS.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def features(input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Backbone inputs for single-segment examples."""
+    return {"token_ids": input_ids, "segment_ids": np.zeros_like(input_ids),
+            "padding_mask": (input_ids != du.PAD_ID).astype(np.int32)}
+
+
+def data_files(run_dir: str) -> dict[str, str]:
+    """The train/valid/test files from the flags (or the sample task); test_mode slices them."""
+    given = {"train": FLAGS.training_data_file, "valid": FLAGS.valid_data_file,
+             "test": FLAGS.test_data_file}
+    if not given["train"]:
+        sample = ensure_sample_data(FLAGS.data_path)
+        if FLAGS.task not in sample or FLAGS.task == "pretrain":
+            tu.fail(f"--task={FLAGS.task!r} is not a sample task; use entities or sentiment")
+        given = {split: given[split] or path for split, path in sample[FLAGS.task].items()}
+    files = {split: path for split, path in given.items() if path}
+    for split, path in files.items():
+        if not os.path.exists(path):
+            tu.fail(f"{path}: no such file (the {split} data file); check the path flag")
+    if FLAGS.test_mode:
+        files = {split: tu.head_file(path, TEST_MODE_LINES[split],
+                                     os.path.join(run_dir, "test_data", f"{split}.txt"),
+                                     FLAGS.encoding)
+                 for split, path in files.items()}
+    return files
+
+
+def load_data(run_dir: str, vocab: du.Vocabulary | None, tokenize_style: str) -> ClassificationData:
+    """Labels from the training file; vocabulary given (pretrained) or built from it (scratch)."""
+    files = data_files(run_dir)
+    labels = du.build_label_list(files["train"], FLAGS.encoding)
+    if vocab is None:
+        vocab = du.build_vocabulary([files["train"]], tokenize_style, FLAGS.vocab_size,
+                                    labelled=True, encoding=FLAGS.encoding,
+                                    process_num=FLAGS.process_num)
+    cache_dir = FLAGS.cache_dir or os.path.join(os.path.dirname(os.path.abspath(files["train"])),
+                                                "cache")
+    cache = du.load_or_build_classification_cache(files, vocab, labels, FLAGS.sequence_length,
+                                                  tokenize_style, cache_dir, FLAGS.encoding,
+                                                  FLAGS.process_num)
+    splits = {split: du.read_classification_split(cache, split) for split in files}
+    print(", ".join(f"{split}: {len(ids)} examples" for split, (ids, _) in splits.items())
+          + f"; {len(labels)} labels; vocabulary {len(vocab)}")
+    return ClassificationData(vocab, labels, tokenize_style, splits)
+
+
+def save_run_files(run_dir: str, data: ClassificationData, config: model.ModelConfig) -> None:
+    """Everything predict.py needs besides the weights."""
+    data.vocab.save(os.path.join(run_dir, "vocab.txt"))
+    du.save_label_list(data.labels, os.path.join(run_dir, "labels.txt"))
+    config.to_json(os.path.join(run_dir, "config.json"))
+    tu.write_json(os.path.join(run_dir, "data_config.json"),
+                  {"tokenize_style": data.tokenize_style, "sequence_length": FLAGS.sequence_length,
+                   "dropout": 1.0 - FLAGS.dropout_keep_prob, "num_labels": len(data.labels)})
+
+
+def build_and_compile(backbone: keras.Model, num_labels: int,
+                      freeze_backbone: bool = False) -> keras.Model:
+    """Classifier = backbone + multi-label head, compiled with the flags' optimiser."""
+    backbone.trainable = not freeze_backbone
+    classifier = model.build_classifier(backbone, num_labels, 1.0 - FLAGS.dropout_keep_prob)
+    optimizer = tu.make_optimizer(FLAGS.learning_rate, FLAGS.decay_steps, FLAGS.decay_rate,
+                                  FLAGS.warmup_steps, FLAGS.weight_decay)
+    model.compile_classifier(classifier, optimizer, FLAGS.jit_compile)
+    return classifier
+
+
+def evaluate(classifier: keras.Model, data: ClassificationData, split: str) -> dict[str, float]:
+    """Loss and F1 scores on one split, with the current weights."""
+    ids, gold = data.splits[split]
+    loss = classifier.evaluate(data.dataset(split), verbose=0)
+    logits = classifier.predict(features(ids), batch_size=FLAGS.batch_size, verbose=0)
+    loss = loss[0] if isinstance(loss, list) else loss
+    return {"loss": float(loss), **tu.f1_scores(gold, tu.sigmoid(logits))}
+
+
+def train(classifier: keras.Model, data: ClassificationData, run_dir: str, epochs: int) -> list:
+    """Fit with F1 on valid each epoch; keep the best weights; resume after a crash."""
+    weights_file = os.path.join(run_dir, "classifier.weights.h5")
+    valid_ids, valid_gold = data.splits["valid"]
+
+    def save_weights() -> None:
+        tmp = os.path.join(run_dir, "tmp_classifier.weights.h5")
+        classifier.save_weights(tmp)
+        os.replace(tmp, weights_file)
+
+    callbacks = [
+        tu.F1Evaluation(features(valid_ids), valid_gold, FLAGS.batch_size),
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        tu.SaveBest("val_f1", "max", save_weights, os.path.join(run_dir, "best.json")),
+        tu.HistoryFile(os.path.join(run_dir, "history.json")),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
+    ]
+    classifier.fit(data.dataset("train", shuffle=True, seed=FLAGS.seed),
+                   validation_data=data.dataset("valid"), epochs=epochs, callbacks=callbacks,
+                   verbose=2 if FLAGS.test_mode else "auto")
+    classifier.load_weights(weights_file)
+    return tu.read_json(os.path.join(run_dir, "history.json"), [])
+
+
+def report(classifier: keras.Model, data: ClassificationData, run_dir: str, history: list,
+           title: str) -> dict[str, float]:
+    """Test-set scores + per-label file, the history plot; returns the test scores."""
+    tu.plot_history(history, ["val_f1", "val_micro_f1", "val_macro_f1"],
+                    os.path.join(run_dir, "history.png"), title)
+    split = "test" if "test" in data.splits else "valid"
+    scores = evaluate(classifier, data, split)
+    ids, gold = data.splits[split]
+    logits = classifier.predict(features(ids), batch_size=FLAGS.batch_size, verbose=0)
+    tu.write_json(os.path.join(run_dir, f"{split}_report.json"),
+                  {"split": split, **scores,
+                   "per_label": tu.per_label_report(gold, tu.sigmoid(logits), data.labels)})
+    best = max(history, key=lambda h: h.get("val_f1", -1.0)) if history else {}
+    return {f"{split}_micro_f1": scores["micro_f1"], f"{split}_macro_f1": scores["macro_f1"],
+            f"{split}_f1": scores["f1"], "best_valid_f1": best.get("val_f1", float("nan")),
+            "best_epoch": best.get("epoch", 0)}
+
+
+# ------------------------------------------------------------------------------ toy task
+TOY_VOCAB_SIZE = len(du.SPECIAL_TOKENS) + 2  # the two "bit" tokens follow the special ids
+
+
+def toy_task_data(num_examples: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The original's toy task: random 0/1 sequences; the label says sum > length/2 + 1.
+
+    Bits become token ids 5 and 6 (ids below are special) after a [CLS]. Returns input_ids
+    int32 [N, length+1] and labels float32 [N, 1].
+    """
+    bits = np.random.default_rng(seed).integers(0, 2, size=(num_examples, length))
+    ids = np.concatenate([np.full((num_examples, 1), du.CLS_ID), bits + len(du.SPECIAL_TOKENS)],
+                         axis=1).astype(np.int32)
+    labels = (bits.sum(axis=1) > length / 2 + 1).astype(np.float32)[:, None]
+    return ids, labels

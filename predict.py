@@ -1,0 +1,129 @@
+"""Label new text with a fine-tuned (or from-scratch) classifier run directory.
+
+    echo "中国 政府 今天 在 北京 宣布" | python predict.py --ckpt_dir=runs/ft
+    python predict.py --ckpt_dir=runs/ft --input_file=new.txt --min_prob=0.1 > predictions.jsonl
+    python predict.py --ckpt_dir=runs/ft --export_dir=exported/ft/1   # SavedModel for TF Serving
+
+Input: one document a line, tokenized as the run was trained (see its data_config.json); any
+`__label__` part is ignored, so a labelled file can be predicted as it is. Output: one JSON object
+a line: {"line": n, "labels": [...], "probabilities": {label: p, ...}} with every label whose
+probability is at least --min_prob. Prediction uses the original's rule: every label with p >= 0.5,
+or the single most likely label when none reaches 0.5.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+import data_util_hdf5 as du
+import model
+import train_util as tu
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("ckpt_dir", "runs/ft", "Run directory written by train_bert_fine_tuning.py "
+                    "(--ckpt_dir_save) or train_transform.py.")
+flags.DEFINE_string("input_file", None, "Text to label, one document a line. Default: stdin.")
+flags.DEFINE_string("encoding", "utf-8", "Text encoding of --input_file, e.g. gb18030.")
+flags.DEFINE_float("min_prob", 0.05, "Report every label with at least this probability.")
+flags.DEFINE_integer("batch_size", 256, "Documents scored per batch.")
+flags.DEFINE_string("export_dir", None, "Write a TensorFlow SavedModel here (endpoint 'serve': "
+                    "int32 token_ids [batch, length] -> probabilities [batch, labels]) and stop.")
+
+
+class Predictor:
+    """A classifier run directory, ready to turn text into label probabilities."""
+
+    def __init__(self, run_dir: str):
+        for name in ("config.json", "vocab.txt", "labels.txt", "data_config.json",
+                     "classifier.weights.h5"):
+            if not os.path.exists(os.path.join(run_dir, name)):
+                raise du.DataError(f"{run_dir}: {name} is missing; point --ckpt_dir at a finished "
+                                   "fine-tuning or train_transform.py run directory")
+        self.vocab = du.Vocabulary.load(os.path.join(run_dir, "vocab.txt"))
+        self.labels = du.load_label_list(os.path.join(run_dir, "labels.txt"))
+        info = tu.read_json(os.path.join(run_dir, "data_config.json"))
+        self.tokenize_style, self.sequence_length = info["tokenize_style"], info["sequence_length"]
+        config = model.ModelConfig.from_json(os.path.join(run_dir, "config.json"))
+        self.classifier = model.build_classifier(model.build_backbone(config), len(self.labels),
+                                                 info["dropout"])
+        self.classifier.load_weights(os.path.join(run_dir, "classifier.weights.h5"))
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        rows = [du.encode_example(du.tokenize(du.parse_label_line(t)[0], self.tokenize_style),
+                                  self.vocab, self.sequence_length) for t in texts]
+        return np.array(rows, np.int32)
+
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        ids = self.encode(texts)
+        features = {"token_ids": ids, "segment_ids": np.zeros_like(ids),
+                    "padding_mask": (ids != du.PAD_ID).astype(np.int32)}
+        return tu.sigmoid(self.classifier.predict(features, verbose=0))
+
+    def export(self, export_dir: str) -> None:
+        import keras
+        import tensorflow as tf
+
+        classifier = self.classifier
+
+        def serve(token_ids):
+            features = {"token_ids": token_ids, "segment_ids": tf.zeros_like(token_ids),
+                        "padding_mask": tf.cast(token_ids != du.PAD_ID, tf.int32)}
+            return {"probabilities": tf.sigmoid(classifier(features, training=False))}
+
+        archive = keras.export.ExportArchive()
+        archive.track(classifier)
+        archive.add_endpoint("serve", serve, input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name="token_ids")])
+        archive.write_out(export_dir)
+
+
+def read_documents(path: str | None, encoding: str):
+    if path is None:
+        yield from enumerate((line.rstrip("\r\n") for line in sys.stdin), start=1)
+    else:
+        yield from du.read_lines(path, encoding)
+
+
+def predict_lines(predictor: Predictor, documents, batch_size: int, min_prob: float):
+    """Yield one result dict per input line, in order."""
+    batch = []
+    for item in documents:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield from _score(predictor, batch, min_prob)
+            batch = []
+    if batch:
+        yield from _score(predictor, batch, min_prob)
+
+
+def _score(predictor: Predictor, batch: list, min_prob: float):
+    probs = predictor.probabilities([text for _, text in batch])
+    chosen = tu.predict_labels(probs)
+    for (line_no, _), p, c in zip(batch, probs, chosen):
+        order = np.argsort(-p)
+        yield {"line": line_no, "labels": [predictor.labels[i] for i in order if c[i]],
+               "probabilities": {predictor.labels[i]: round(float(p[i]), 4) for i in order
+                                 if p[i] >= min_prob}}
+
+
+def main(_):
+    try:
+        predictor = Predictor(FLAGS.ckpt_dir)
+        if FLAGS.export_dir:
+            predictor.export(FLAGS.export_dir)
+            print(f"exported SavedModel to {FLAGS.export_dir}", file=sys.stderr)
+            return
+        count = 0
+        for result in predict_lines(predictor, read_documents(FLAGS.input_file, FLAGS.encoding),
+                                    FLAGS.batch_size, FLAGS.min_prob):
+            print(json.dumps(result, ensure_ascii=False), flush=False)
+            count += 1
+        print(f"predict documents={count} ckpt_dir={FLAGS.ckpt_dir}", file=sys.stderr)
+    except du.DataError as error:
+        tu.fail(str(error))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,246 @@
+"""Raw text -> masked-LM (and next-sentence) pretraining examples.
+
+The pipeline, in the order it runs:
+1. `load_or_build_corpus_cache` tokenizes the corpus once (several processes) into the data
+   layer's fingerprinted HDF5 token cache (one row of ids a document); `read_corpus` cuts the
+   documents into sentences after sentence-ending punctuation.
+2. `pack_sequences` / `make_nsp_pairs` turn that into fixed-length examples: `[CLS] A [SEP]`
+   packed from whole sentences (short ones are packed together, not dropped as the original did),
+   or `[CLS] A [SEP] B [SEP]` with segment ids for next-sentence prediction.
+3. `mask_tokens` runs inside tf.data on every batch, so each epoch sees new masks: 15% of real
+   tokens, of which 80% become [MASK], 10% a random token, 10% stay as they are.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+import data_util_hdf5 as du
+
+# Tokens that end a sentence. Splitting happens on tokens, so it works for every tokenize style.
+SENTENCE_END_TOKENS = frozenset("。！？；!?;…") | {"……", "！！", "？？"}
+
+
+@dataclass
+class Corpus:
+    """Token ids of a whole corpus with sentence and document boundaries (offsets into `tokens`)."""
+
+    tokens: np.ndarray            # int32 [total_tokens]
+    sentence_offsets: np.ndarray  # int64 [num_sentences + 1]
+    document_offsets: np.ndarray  # int64 [num_documents + 1], in sentences
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_offsets) - 1
+
+    def document_sentences(self, doc: int) -> list[np.ndarray]:
+        first, last = self.document_offsets[doc], self.document_offsets[doc + 1]
+        return [self.tokens[self.sentence_offsets[s]:self.sentence_offsets[s + 1]]
+                for s in range(first, last)]
+
+
+def load_or_build_corpus_cache(corpus_file: str, vocab: du.Vocabulary, tokenize_style: str,
+                               cache_dir: str, encoding: str = "utf-8",
+                               process_num: int | None = None) -> str:
+    """Tokenize `corpus_file` once (one document a line) into the data layer's HDF5 token cache."""
+    return du.load_or_build_token_cache(corpus_file, vocab, tokenize_style, cache_dir, encoding,
+                                        process_num)
+
+
+def read_corpus(cache_file: str, vocab: du.Vocabulary) -> Corpus:
+    """Documents from a token cache, cut into sentences after every sentence-ending token."""
+    tokens, document_starts = du.read_token_cache(cache_file)
+    if len(document_starts) < 2:
+        raise du.DataError(f"{cache_file}: the pretraining corpus holds no text; give "
+                           "--mask_lm_source_file a file with one document a line")
+    end_ids = np.array(sorted({vocab.id_of(t) for t in SENTENCE_END_TOKENS} - {du.UNK_ID}))
+    after_end = np.flatnonzero(np.isin(tokens, end_ids)) + 1
+    sentence_offsets = np.union1d(after_end, document_starts).astype(np.int64)
+    document_offsets = np.searchsorted(sentence_offsets, document_starts).astype(np.int64)
+    return Corpus(tokens.astype(np.int32), sentence_offsets, document_offsets)
+
+
+def _chunks_of(sentences: list[np.ndarray], budget: int) -> list[np.ndarray]:
+    """Greedily pack whole sentences into pieces of at most `budget` ids; long sentences are cut."""
+    pieces, current = [], []
+    for sentence in sentences:
+        for start in range(0, len(sentence), budget):
+            part = sentence[start:start + budget]
+            if current and sum(map(len, current)) + len(part) > budget:
+                pieces.append(np.concatenate(current))
+                current = []
+            current.append(part)
+    if current:
+        pieces.append(np.concatenate(current))
+    return pieces
+
+
+def _document_chunks(corpus: Corpus, budget: int) -> list[list[np.ndarray]]:
+    return [_chunks_of(corpus.document_sentences(d), budget) for d in range(corpus.num_documents)]
+
+
+def pack_sequences(corpus: Corpus, sequence_length: int) -> np.ndarray:
+    """`[CLS] sentences... [SEP]` rows, int32 [N, sequence_length], padded with PAD_ID."""
+    chunks = [c for doc in _document_chunks(corpus, sequence_length - 2) for c in doc]
+    rows = np.full((len(chunks), sequence_length), du.PAD_ID, np.int32)
+    for i, chunk in enumerate(chunks):
+        row = np.concatenate([[du.CLS_ID], chunk, [du.SEP_ID]])
+        rows[i, :len(row)] = row
+    return rows
+
+
+def make_nsp_pairs(corpus: Corpus, sequence_length: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`[CLS] A [SEP] B [SEP]` rows with segment ids and labels (1 = B follows A, 0 = random B).
+
+    A document that fits in one piece is cut in half so that it still yields a true pair.
+    """
+    budget = (sequence_length - 3) // 2
+    docs = _document_chunks(corpus, budget)
+    docs = [d if len(d) > 1 else _halves(d) for d in docs]
+    flat = [(di, c) for di, d in enumerate(docs) for c in d]
+    rng = np.random.default_rng(seed)
+    rows, segments, labels = [], [], []
+    for di, doc in enumerate(docs):
+        for a, b in zip(doc[:-1], doc[1:]):
+            is_next = rng.random() < 0.5 or len(docs) == 1
+            if not is_next:
+                b = _random_other_chunk(flat, di, rng)
+            row, seg = _pair_row(a, b, sequence_length)
+            rows.append(row)
+            segments.append(seg)
+            labels.append(int(is_next))
+    if not rows:
+        raise du.DataError("the pretraining corpus has no document with two or more tokens; "
+                           "--use_nsp needs longer documents")
+    return np.stack(rows), np.stack(segments), np.array(labels, np.int32)
+
+
+def _halves(doc: list[np.ndarray]) -> list[np.ndarray]:
+    if not doc or len(doc[0]) < 2:
+        return doc
+    middle = len(doc[0]) // 2
+    return [doc[0][:middle], doc[0][middle:]]
+
+
+def _random_other_chunk(flat: list, doc_index: int, rng: np.random.Generator) -> np.ndarray:
+    for _ in range(10):
+        other_doc, chunk = flat[rng.integers(len(flat))]
+        if other_doc != doc_index:
+            return chunk
+    return chunk
+
+
+def _pair_row(a: np.ndarray, b: np.ndarray, sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.concatenate([[du.CLS_ID], a, [du.SEP_ID], b, [du.SEP_ID]])
+    row = np.full(sequence_length, du.PAD_ID, np.int32)
+    row[:len(ids)] = ids
+    segment = np.zeros(sequence_length, np.int32)
+    segment[len(a) + 2:len(ids)] = 1
+    return row, segment
+
+
+# ---------------------------------------------------------------------------------- masking
+def max_predictions_for(sequence_length: int, mask_rate: float) -> int:
+    """Slots in the masked-position list: enough for `mask_rate` of a full row, at least 1."""
+    return max(1, math.ceil(sequence_length * mask_rate))
+
+
+def mask_tokens(token_ids: tf.Tensor, vocab_size: int, mask_rate: float, max_predictions: int,
+                generator: tf.random.Generator) -> dict[str, tf.Tensor]:
+    """Mask a batch [B,T] of ids, BERT style.
+
+    Returns `token_ids` (masked), `masked_positions` [B,P] and `masked_ids` [B,P]: the original ids
+    at those positions, PAD_ID in unused slots (the loss gives such slots zero weight). Only real
+    tokens are candidates (never PAD, CLS, SEP); each row masks round(mask_rate * real tokens),
+    at least one, at most P.
+    """
+    token_ids = tf.convert_to_tensor(token_ids, tf.int32)
+    candidates = token_ids >= len(du.SPECIAL_TOKENS)
+    count = tf.reduce_sum(tf.cast(candidates, tf.float32), axis=1)
+    wanted = tf.clip_by_value(tf.round(count * mask_rate), 1.0, float(max_predictions))
+    scores = tf.where(candidates, generator.uniform(tf.shape(token_ids)), -1.0)
+    top_scores, positions = tf.math.top_k(scores, k=max_predictions)
+    slot = tf.range(max_predictions, dtype=tf.float32)[tf.newaxis, :]
+    used = (slot < wanted[:, tf.newaxis]) & (top_scores >= 0.0)
+    positions = tf.where(used, positions, 0)
+    original = tf.gather(token_ids, positions, batch_dims=1)
+    masked_ids = tf.where(used, original, du.PAD_ID)
+
+    choice = generator.uniform(tf.shape(positions))
+    random_ids = generator.uniform(tf.shape(positions), len(du.SPECIAL_TOKENS), vocab_size,
+                                   dtype=tf.int32)
+    replacement = tf.where(choice < 0.8, du.MASK_ID, tf.where(choice < 0.9, random_ids, original))
+    batch_index = tf.broadcast_to(tf.range(tf.shape(positions)[0])[:, tf.newaxis],
+                                  tf.shape(positions))
+    indices = tf.stack([batch_index, positions], axis=-1)
+    masked_tokens = tf.tensor_scatter_nd_update(
+        token_ids, tf.boolean_mask(indices, used), tf.boolean_mask(replacement, used))
+    return {"token_ids": masked_tokens, "masked_positions": positions, "masked_ids": masked_ids}
+
+
+# -------------------------------------------------------------------------------- tf.data
+def make_pretraining_dataset(token_ids: np.ndarray, vocab_size: int, batch_size: int,
+                             mask_rate: float = 0.15, segment_ids: np.ndarray | None = None,
+                             nsp_labels: np.ndarray | None = None, shuffle: bool = True,
+                             seed: int = 0, fixed_masks: bool = False) -> tf.data.Dataset:
+    """Batches of `(features, targets)` for the pretraining model.
+
+    features: token_ids, segment_ids, padding_mask [B,T]; masked_positions [B,P].
+    targets: {"mlm": masked ids [B,P]} plus {"nsp": [B]} when `nsp_labels` is given.
+    With `fixed_masks` (validation) the masks are drawn once and cached, so the metric is
+    comparable between epochs; otherwise every epoch draws new ones.
+    """
+    if segment_ids is None:
+        segment_ids = np.zeros_like(token_ids)
+    columns = {"token_ids": token_ids, "segment_ids": segment_ids}
+    if nsp_labels is not None:
+        columns["nsp"] = nsp_labels
+    max_predictions = max_predictions_for(token_ids.shape[1], mask_rate)
+    generator = tf.random.Generator.from_seed(seed)
+
+    def to_example(batch: dict) -> tuple[dict, dict]:
+        masked = mask_tokens(batch["token_ids"], vocab_size, mask_rate, max_predictions, generator)
+        features = {"token_ids": masked["token_ids"], "segment_ids": batch["segment_ids"],
+                    "padding_mask": tf.cast(batch["token_ids"] != du.PAD_ID, tf.int32),
+                    "masked_positions": masked["masked_positions"]}
+        targets = {"mlm": masked["masked_ids"]}
+        if "nsp" in batch:
+            targets["nsp"] = batch["nsp"]
+        return features, targets
+
+    dataset = tf.data.Dataset.from_tensor_slices(columns)
+    if shuffle:
+        dataset = dataset.shuffle(min(len(token_ids), 100_000), seed=seed,
+                                  reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size).map(to_example)
+    if fixed_masks:
+        dataset = dataset.cache()
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def split_documents(corpus: Corpus, valid_fraction: float, seed: int) -> tuple[Corpus, Corpus]:
+    """Hold out whole documents for validation, so no valid sentence sits in a train row."""
+    order = np.random.default_rng(seed).permutation(corpus.num_documents)
+    num_valid = min(max(1, round(corpus.num_documents * valid_fraction)), corpus.num_documents - 1)
+    if num_valid < 1:
+        raise du.DataError("the pretraining corpus needs at least two documents (lines) to hold "
+                           "one out for validation")
+    return (subset_documents(corpus, np.sort(order[num_valid:])),
+            subset_documents(corpus, np.sort(order[:num_valid])))
+
+
+def subset_documents(corpus: Corpus, documents: np.ndarray) -> Corpus:
+    tokens, doc_ends, sent_ends, total = [], [0], [0], 0
+    for d in documents:
+        for sentence in corpus.document_sentences(int(d)):
+            tokens.append(sentence)
+            total += len(sentence)
+            sent_ends.append(total)
+        doc_ends.append(len(sent_ends) - 1)
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+    return Corpus(flat.astype(np.int32), np.array(sent_ends, np.int64),
+                  np.array(doc_ends, np.int64))

@@ -1,0 +1,77 @@
+"""Step 2: restore the pretrained backbone and fine-tune a multi-label classifier on labelled data.
+
+Quick CPU trial, after `python train_bert_lm.py --test_mode=True`:
+    python train_bert_fine_tuning.py --test_mode=True
+Full run on the sample multi-label task (or --task=sentiment):
+    python train_bert_fine_tuning.py --pretrained_dir=runs/lm --num_epochs=5
+Your own data (format: 'token1 token2 __label__a __label__b', one example a line):
+    python train_bert_fine_tuning.py --pretrained_dir=runs/my_lm --training_data_file=train.txt \
+        --valid_data_file=valid.txt --test_data_file=test.txt --ckpt_dir_save=runs/my_ft
+
+The vocabulary, tokenize style and architecture come from --pretrained_dir; the labels from the
+training file. Writes to --ckpt_dir_save: classifier.weights.h5 (best epoch by validation F1),
+config.json, vocab.txt, labels.txt, data_config.json, history.json/.png, test_report.json, logs/.
+"""
+import os
+
+import keras
+from absl import app, flags
+
+import classifier_task as ct
+import data_util_hdf5 as du
+import model
+import train_util as tu
+
+FLAGS = flags.FLAGS
+# Below pretraining's 1e-4, as in the original: large steps would wreck what pretraining learnt.
+ct.define_flags(default_learning_rate=5e-5, default_ckpt_dir="runs/ft")
+flags.DEFINE_string("pretrained_dir", "runs/lm", "Run directory of train_bert_lm.py (its "
+                    "--ckpt_dir): config.json, vocab.txt, data_config.json, backbone.weights.h5.")
+flags.DEFINE_boolean("freeze_backbone", False, "Train only the classifier head on top of the "
+                     "pretrained features (the feature-based use of a pretrained model).")
+
+
+def main(_):
+    # --------------------------------------------------------------------- setup
+    timer = tu.Timer()
+    keras.utils.set_random_seed(FLAGS.seed)
+    strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
+    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ["history.json", "best.json"])
+    epochs = tu.epochs_to_run(test_mode_default=2)
+    pretrained = FLAGS.pretrained_dir
+    if not os.path.exists(os.path.join(pretrained, "backbone.weights.h5")):
+        tu.fail(f"{pretrained}: no backbone.weights.h5; run train_bert_lm.py first or point "
+                "--pretrained_dir at its --ckpt_dir")
+
+    # ---------------------------------------------------------------------- data
+    style = tu.read_json(os.path.join(pretrained, "data_config.json"), {}).get("tokenize_style",
+                                                                                "space")
+    if FLAGS.tokenize_style not in (None, style):
+        tu.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
+                f"'{style}' ({pretrained}/data_config.json); drop the flag")
+    vocab = du.Vocabulary.load(os.path.join(pretrained, "vocab.txt"))
+    data = ct.load_data(run_dir, vocab, style)
+
+    # --------------------------------------------------------------------- model
+    with strategy.scope():
+        backbone, config = model.load_backbone(pretrained, expected_vocab_size=len(vocab),
+                                               dropout=1.0 - FLAGS.dropout_keep_prob)
+        config.check_sequence_length(FLAGS.sequence_length)
+        classifier = ct.build_and_compile(backbone, len(data.labels), FLAGS.freeze_backbone)
+    ct.save_run_files(run_dir, data, config)
+    start = ct.evaluate(classifier, data, "valid")
+    print(f"before fine-tuning: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f} "
+          f"(micro {start['micro_f1']:.4f}, macro {start['macro_f1']:.4f})")
+
+    # ----------------------------------------------------------------------- fit
+    history = ct.train(classifier, data, run_dir, epochs)
+
+    # -------------------------------------------------------------------- report
+    scores = ct.report(classifier, data, run_dir, history, "fine-tuning: validation F1")
+    tu.summary_line("fine_tune", **scores, initial_valid_loss=start["loss"],
+                    initial_valid_f1=start["f1"], epochs=len(history), seconds=timer.seconds(),
+                    ckpt_dir=run_dir)
+
+
+if __name__ == "__main__":
+    app.run(tu.guard(main))

@@ -1,0 +1,141 @@
+"""Step 1: pretrain a backbone (TextCNN or Transformer) with a masked language model on raw text.
+
+Quick CPU trial (a few thousand lines, tiny model, about a minute):
+    python train_bert_lm.py --test_mode=True
+Full run on the sample corpus (prepared automatically under data/ on first use):
+    python train_bert_lm.py --backbone=textcnn --preset=small --num_epochs=10
+Your own corpus, raw Chinese text, one document a line, segmented with jieba:
+    python train_bert_lm.py --mask_lm_source_file=corpus.txt --tokenize_style=word --ckpt_dir=runs/my_lm
+Several GPUs:
+    python train_bert_lm.py --distribution_strategy=mirrored --batch_size=256
+
+Re-running the same command after a crash or Ctrl-C resumes where it stopped (runs/lm/backup/).
+Writes to --ckpt_dir: config.json, vocab.txt, data_config.json, backbone.weights.h5 (best epoch by
+validation masked-LM loss), history.json, history.png, logs/ (TensorBoard).
+"""
+import os
+
+import keras
+from absl import app, flags
+
+import data_util_hdf5 as du
+import model
+import pretrain_task as pt
+import train_util as tu
+from data.prepare import ensure_sample_data
+
+FLAGS = flags.FLAGS
+tu.define_common_flags(1e-4, 0.01, "Use only the first few thousand corpus lines, the tiny "
+                       "preset and one epoch, so the whole job finishes in about a minute.")
+tu.define_model_flags()
+flags.DEFINE_string("mask_lm_source_file", None, "Raw text for pretraining, one document a line. "
+                    "Default: the sample corpus, <data_path>/pretrain_corpus.txt.")
+flags.DEFINE_string("ckpt_dir", "runs/lm", "Run directory: weights, config, vocabulary, logs. "
+                    "Fine-tuning reads it through its --pretrained_dir flag.")
+flags.DEFINE_integer("sequence_length_lm", 64, "Tokens per pretraining example, [CLS] and [SEP] "
+                     "included; whole sentences are packed up to this length.")
+flags.DEFINE_float("mask_rate", 0.15, "Fraction of real tokens masked in each example (80% become "
+                   "[MASK], 10% a random token, 10% stay); new masks every epoch.")
+flags.DEFINE_boolean("use_nsp", False, "Also train next-sentence prediction on [CLS] A [SEP] B "
+                     "[SEP] pairs (50% true next segment, 50% random).")
+flags.DEFINE_float("valid_fraction", 0.05, "Fraction of corpus documents held out for validation.")
+
+
+def main(_):
+    # --------------------------------------------------------------------- setup
+    timer = tu.Timer()
+    keras.utils.set_random_seed(FLAGS.seed)
+    strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
+    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir, ["history.json", "best.json"])
+    preset = "tiny" if FLAGS.test_mode else FLAGS.preset
+    epochs = tu.epochs_to_run(test_mode_default=1)
+
+    # ---------------------------------------------------------------------- data
+    corpus_file = FLAGS.mask_lm_source_file or ensure_sample_data(FLAGS.data_path)["pretrain"]
+    cache_dir = FLAGS.cache_dir or os.path.join(
+        os.path.dirname(os.path.abspath(corpus_file)), "cache")
+    if FLAGS.test_mode:
+        corpus_file = tu.head_file(corpus_file, 3000, os.path.join(run_dir, "test_corpus.txt"),
+                                   FLAGS.encoding)
+    style = FLAGS.tokenize_style or "space"
+    vocab = load_or_build_vocab(corpus_file, run_dir, style)
+    cache = pt.load_or_build_corpus_cache(corpus_file, vocab, style, cache_dir,
+                                          FLAGS.encoding, FLAGS.process_num)
+    train_corpus, valid_corpus = pt.split_documents(pt.read_corpus(cache, vocab), FLAGS.valid_fraction,
+                                                    FLAGS.seed)
+    train_ds, valid_ds, steps = make_datasets(train_corpus, valid_corpus, len(vocab))
+    print(f"pretraining: {steps} steps an epoch, {epochs} epochs, vocabulary {len(vocab)}")
+
+    # --------------------------------------------------------------------- model
+    config = tu.config_from_flags(len(vocab), preset)
+    config.check_sequence_length(FLAGS.sequence_length_lm)
+    # Transformers are known to need a warm-up; 10% of an epoch unless the flag says otherwise.
+    warmup = FLAGS.warmup_steps or (steps // 10 if FLAGS.backbone == "transformer" else 0)
+    with strategy.scope():
+        backbone = model.build_backbone(config)
+        pretrainer = model.build_pretraining_model(backbone, use_nsp=FLAGS.use_nsp)
+        optimizer = tu.make_optimizer(FLAGS.learning_rate, FLAGS.decay_steps, FLAGS.decay_rate,
+                                      warmup, FLAGS.weight_decay)
+        model.compile_pretraining_model(pretrainer, optimizer, FLAGS.use_nsp, FLAGS.jit_compile)
+
+    # ----------------------------------------------------------------------- fit
+    callbacks = [
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        tu.SaveBest("val_mlm_loss", "min", lambda: model.save_backbone(backbone, config, run_dir),
+                    os.path.join(run_dir, "best.json")),
+        tu.HistoryFile(os.path.join(run_dir, "history.json")),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
+    ]
+    pretrainer.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks,
+                   verbose=2 if FLAGS.test_mode else "auto")
+
+    # -------------------------------------------------------------------- report
+    history = tu.read_json(os.path.join(run_dir, "history.json"), [])
+    tu.plot_history(history, ["mlm_loss", "val_mlm_loss"], os.path.join(run_dir, "history.png"),
+                    f"masked-LM pretraining ({FLAGS.backbone})")
+    best = min(history, key=lambda h: h["val_mlm_loss"])
+    extra = {"best_valid_nsp_accuracy": best["val_nsp_accuracy"]} if FLAGS.use_nsp else {}
+    tu.summary_line("pretrain", backbone=FLAGS.backbone,
+                    best_valid_mlm_loss=best["val_mlm_loss"],
+                    best_valid_mlm_accuracy=best["val_mlm_accuracy"], **extra,
+                    epochs=len(history), steps=steps * len(history), seconds=timer.seconds(),
+                    ckpt_dir=run_dir)
+
+
+def load_or_build_vocab(corpus_file: str, run_dir: str, style: str) -> du.Vocabulary:
+    """Reuse the run's vocabulary when it was built from the same corpus and settings."""
+    wanted = {"corpus_fingerprint": du.file_fingerprint(corpus_file), "vocab_size": FLAGS.vocab_size,
+              "tokenize_style": style, "sequence_length_lm": FLAGS.sequence_length_lm}
+    info_file, vocab_file = os.path.join(run_dir, "data_config.json"), os.path.join(run_dir,
+                                                                                     "vocab.txt")
+    if tu.read_json(info_file) == wanted and os.path.exists(vocab_file):
+        return du.Vocabulary.load(vocab_file)
+    if os.path.exists(os.path.join(run_dir, "backup")):
+        tu.fail(f"{run_dir} holds an interrupted run made with other data or settings; resume it "
+                "with its original flags, or choose a new --ckpt_dir")
+    vocab = du.build_vocabulary([corpus_file], style, FLAGS.vocab_size,
+                                encoding=FLAGS.encoding, process_num=FLAGS.process_num)
+    vocab.save(vocab_file)
+    tu.write_json(info_file, wanted)
+    return vocab
+
+
+def make_datasets(train_corpus, valid_corpus, vocab_size: int):
+    length, rate, batch = FLAGS.sequence_length_lm, FLAGS.mask_rate, FLAGS.batch_size
+    if FLAGS.use_nsp:
+        tr_ids, tr_seg, tr_nsp = pt.make_nsp_pairs(train_corpus, length, FLAGS.seed)
+        va_ids, va_seg, va_nsp = pt.make_nsp_pairs(valid_corpus, length, FLAGS.seed + 1)
+    else:
+        tr_ids, va_ids = pt.pack_sequences(train_corpus, length), pt.pack_sequences(valid_corpus,
+                                                                                     length)
+        tr_seg = tr_nsp = va_seg = va_nsp = None
+    train = pt.make_pretraining_dataset(tr_ids, vocab_size, batch, rate, tr_seg, tr_nsp,
+                                        shuffle=True, seed=FLAGS.seed)
+    valid = pt.make_pretraining_dataset(va_ids, vocab_size, batch, rate, va_seg, va_nsp,
+                                        shuffle=False, seed=FLAGS.seed + 1, fixed_masks=True)
+    print(f"{len(tr_ids)} training and {len(va_ids)} validation sequences of {length} tokens")
+    return train, valid, -(-len(tr_ids) // batch)
+
+
+if __name__ == "__main__":
+    app.run(tu.guard(main))

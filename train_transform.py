@@ -1,0 +1,76 @@
+"""The same multi-label classifier trained from scratch: the "no pretraining" column.
+
+Quick CPU trial:
+    python train_transform.py --test_mode=True
+Full run on the sample multi-label task, either backbone:
+    python train_transform.py --backbone=transformer --num_epochs=10
+The original's toy task (can the model learn at all? random 0/1 sequences, label = sum > T/2 + 1):
+    python train_transform.py --toy_task=True --backbone=transformer
+
+Writes the same run directory as train_bert_fine_tuning.py (predict.py reads either).
+"""
+import keras
+import numpy as np
+from absl import app, flags
+
+import classifier_task as ct
+import model
+import train_util as tu
+
+FLAGS = flags.FLAGS
+ct.define_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/scratch")
+tu.define_model_flags()
+flags.DEFINE_boolean("toy_task", False, "Train on the original's toy task instead of text and "
+                     "report held-out accuracy.")
+
+
+def main(_):
+    # --------------------------------------------------------------------- setup
+    timer = tu.Timer()
+    keras.utils.set_random_seed(FLAGS.seed)
+    strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
+    preset = "tiny" if FLAGS.test_mode else FLAGS.preset
+    if FLAGS.toy_task:
+        return run_toy_task(strategy, preset, timer)
+    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ["history.json", "best.json"])
+    epochs = tu.epochs_to_run(test_mode_default=2)
+
+    # ---------------------------------------------------------------------- data
+    data = ct.load_data(run_dir, None, FLAGS.tokenize_style or "space")
+
+    # --------------------------------------------------------------------- model
+    config = tu.config_from_flags(len(data.vocab), preset)
+    config.check_sequence_length(FLAGS.sequence_length)
+    with strategy.scope():
+        classifier = ct.build_and_compile(model.build_backbone(config), len(data.labels))
+    ct.save_run_files(run_dir, data, config)
+    start = ct.evaluate(classifier, data, "valid")
+    print(f"before training: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f}")
+
+    # ----------------------------------------------------------------------- fit
+    history = ct.train(classifier, data, run_dir, epochs)
+
+    # -------------------------------------------------------------------- report
+    scores = ct.report(classifier, data, run_dir, history, "from scratch: validation F1")
+    tu.summary_line("scratch", backbone=FLAGS.backbone, **scores, initial_valid_loss=start["loss"],
+                    epochs=len(history), seconds=timer.seconds(), ckpt_dir=run_dir)
+
+
+def run_toy_task(strategy, preset: str, timer: tu.Timer) -> None:
+    """Held-out accuracy on the toy task: the convergence check the original's Transformer failed."""
+    (train_x, train_y), (test_x, test_y) = (ct.toy_task_data(n, 24, FLAGS.seed + i)
+                                            for i, n in enumerate((4000, 1000)))
+    config = tu.config_from_flags(ct.TOY_VOCAB_SIZE, preset)
+    with strategy.scope():
+        classifier = ct.build_and_compile(model.build_backbone(config), 1)
+    classifier.fit(ct.features(train_x), train_y, batch_size=FLAGS.batch_size,
+                   epochs=FLAGS.num_epochs, validation_data=(ct.features(test_x), test_y),
+                   verbose=2)
+    logits = classifier.predict(ct.features(test_x), batch_size=FLAGS.batch_size, verbose=0)
+    accuracy = float(np.mean((logits[:, 0] > 0) == (test_y[:, 0] > 0.5)))
+    tu.summary_line("toy_task", backbone=FLAGS.backbone, accuracy=accuracy,
+                    seconds=timer.seconds())
+
+
+if __name__ == "__main__":
+    app.run(tu.guard(main))

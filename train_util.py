@@ -1,0 +1,332 @@
+"""Pieces every training script shares: distribution, optimiser, F1, callbacks, reports."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import flags
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "tpu")
+FLAGS = flags.FLAGS
+
+
+def define_common_flags(learning_rate: float, weight_decay: float, test_mode_help: str) -> None:
+    """Flags every training script has, with the same meaning everywhere."""
+    flags.DEFINE_boolean("test_mode", False, test_mode_help)
+    flags.DEFINE_string("data_path", None, "Directory of the sample data; built there on first "
+                        "use when it is missing. Default: data/ next to these scripts.")
+    flags.DEFINE_string("cache_dir", None, "Where tokenized HDF5 caches go. Default: cache/ next "
+                        "to the input text file.")
+    flags.DEFINE_enum("tokenize_style", None, ["space", "word", "char"], "How text becomes "
+                      "tokens: 'space' for already segmented text (the sample data and the "
+                      "original's format), 'word' for jieba segmentation of raw Chinese, 'char' "
+                      "for one token per character. Default: space; fine-tuning takes the "
+                      "pretraining run's and refuses a different one.")
+    flags.DEFINE_float("learning_rate", learning_rate, "Peak Adam learning rate.")
+    flags.DEFINE_integer("warmup_steps", 0, "Steps of linear learning-rate warm-up from 0.")
+    flags.DEFINE_integer("decay_steps", 1000, "Exponential decay: lr * decay_rate^(step / "
+                         "decay_steps), as the original.")
+    flags.DEFINE_float("decay_rate", 0.95, "Exponential learning-rate decay factor.")
+    flags.DEFINE_float("weight_decay", weight_decay, "Decoupled weight decay (AdamW) standing in "
+                       "for the original's L2 term; 0 turns it off.")
+    flags.DEFINE_float("dropout_keep_prob", 0.9, "1 - dropout rate, as in the original.")
+    flags.DEFINE_integer("batch_size", 64, "Examples per step, over all replicas.")
+    flags.DEFINE_integer("num_epochs", 10, "Passes over the training data.")
+    flags.DEFINE_integer("process_num", None, "Tokenizing processes. Default: the number of cores.")
+    flags.DEFINE_string("encoding", "utf-8", "Text encoding of the input files, e.g. gb18030 for "
+                        "GBK files.")
+    flags.DEFINE_enum("distribution_strategy", "one_device", list(STRATEGIES),
+                      "tf.distribute strategy to build and train under (mirrored: all local "
+                      "GPUs; multi_worker_mirrored: TF_CONFIG cluster; tpu).")
+    flags.DEFINE_boolean("jit_compile", False, "Compile the train step with XLA.")
+    flags.DEFINE_integer("seed", 42, "Random seed for splits, initialisation, shuffling, masking.")
+
+
+def define_model_flags(default_backbone: str = "textcnn") -> None:
+    """Architecture flags shared by the scripts that build a backbone from nothing."""
+    flags.DEFINE_enum("backbone", default_backbone, ["textcnn", "transformer"],
+                      "Which backbone: the original's TextCNN or a Transformer encoder.")
+    flags.DEFINE_enum("preset", "small", ["tiny", "small", "big"], "Model size preset (the "
+                      "original's tiny 64/8, small 128/16, big 512/64: d_model/d_k; 8 heads, 6 "
+                      "layers); the flags below override single values.")
+    flags.DEFINE_integer("d_model", None, "Hidden size. Default: from --preset.")
+    flags.DEFINE_integer("num_layer", None, "Transformer blocks. Default: from --preset.")
+    flags.DEFINE_integer("num_header", None, "Attention heads. Default: from --preset.")
+    flags.DEFINE_integer("d_k", None, "Key/query size per head. Default: from --preset.")
+    flags.DEFINE_integer("d_v", None, "Value size per head. Default: from --preset.")
+    flags.DEFINE_integer("max_position", 512, "Rows of the position table: the longest sequence "
+                         "any later step (fine-tuning, prediction) may use.")
+    flags.DEFINE_integer("vocab_size", 30000, "Vocabulary size including the 5 special tokens; "
+                         "the most frequent tokens of the corpus are kept.")
+
+
+def epochs_to_run(test_mode_default: int) -> int:
+    """--num_epochs, except in test mode where a short default applies unless it is given."""
+    if FLAGS.test_mode and not FLAGS["num_epochs"].present:
+        return test_mode_default
+    return FLAGS.num_epochs
+
+
+def config_from_flags(vocab_size: int, preset: str):
+    """ModelConfig from --preset with the single-value flags laid over it."""
+    import model
+    return model.config_from_preset(
+        preset, backbone=FLAGS.backbone, vocab_size=vocab_size, d_model=FLAGS.d_model,
+        num_layer=FLAGS.num_layer, num_header=FLAGS.num_header, d_k=FLAGS.d_k, d_v=FLAGS.d_v,
+        dropout=1.0 - FLAGS.dropout_keep_prob, max_position=FLAGS.max_position)
+
+
+# ----------------------------------------------------------------------------- distribution
+def get_distribution_strategy(name: str) -> tf.distribute.Strategy:
+    """Map the --distribution_strategy flag to a tf.distribute strategy (one_device = no-op)."""
+    if name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"--distribution_strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+
+
+def split_cpu_for_testing(count: int) -> None:
+    """Expose `count` logical CPU devices (to try MirroredStrategy on a machine without GPUs)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+
+
+# ------------------------------------------------------------------------------- optimiser
+@keras.saving.register_keras_serializable(package="bert_lm")
+class WarmupExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `learning_rate` over `warmup_steps`, then the original's exponential decay."""
+
+    def __init__(self, learning_rate: float, decay_steps: int, decay_rate: float,
+                 warmup_steps: int = 0):
+        self.learning_rate = learning_rate
+        self.decay_steps = decay_steps
+        self.decay_rate = decay_rate
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        decayed = self.learning_rate * keras.ops.power(
+            self.decay_rate, step / float(max(self.decay_steps, 1)))
+        if self.warmup_steps <= 0:
+            return decayed
+        warm = self.learning_rate * (step + 1.0) / float(self.warmup_steps)
+        return keras.ops.where(step < self.warmup_steps, warm, decayed)
+
+    def get_config(self) -> dict:
+        return {"learning_rate": self.learning_rate, "decay_steps": self.decay_steps,
+                "decay_rate": self.decay_rate, "warmup_steps": self.warmup_steps}
+
+
+def make_optimizer(learning_rate: float, decay_steps: int, decay_rate: float,
+                   warmup_steps: int = 0, weight_decay: float = 0.0,
+                   clip_norm: float = 5.0) -> keras.optimizers.Optimizer:
+    """Adam(W) with warm-up + exponential decay and global-norm clipping at 5, as the original."""
+    schedule = WarmupExponentialDecay(learning_rate, decay_steps, decay_rate, warmup_steps)
+    if weight_decay > 0:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay,
+                                           global_clipnorm=clip_norm)
+        # LayerNorm scales and biases are not weights to shrink towards zero.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "layer_norm"])
+        return optimizer
+    return keras.optimizers.Adam(schedule, global_clipnorm=clip_norm)
+
+
+# ------------------------------------------------------------------------------------ F1
+def predict_labels(probabilities: np.ndarray) -> np.ndarray:
+    """The original's rule: every label with p >= 0.5, or the single most likely one if none is."""
+    predicted = (probabilities >= 0.5).astype(np.uint8)
+    empty = predicted.sum(axis=1) == 0
+    predicted[empty, probabilities[empty].argmax(axis=1)] = 1
+    return predicted
+
+
+def f1_scores(gold: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """micro-F1, macro-F1 and their mean (the original's reported F1) over all train labels."""
+    predicted = predict_labels(probabilities)
+    labels = list(range(gold.shape[1]))
+    micro = f1_score(gold, predicted, average="micro", labels=labels, zero_division=0)
+    macro = f1_score(gold, predicted, average="macro", labels=labels, zero_division=0)
+    return {"micro_f1": float(micro), "macro_f1": float(macro), "f1": float((micro + macro) / 2)}
+
+
+def per_label_report(gold: np.ndarray, probabilities: np.ndarray, names: list[str]) -> list[dict]:
+    predicted = predict_labels(probabilities)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        gold, predicted, labels=list(range(len(names))), zero_division=0)
+    return [{"label": n, "precision": float(p), "recall": float(r), "f1": float(f),
+             "support": int(s)} for n, p, r, f, s in zip(names, precision, recall, f1, support)]
+
+
+# ------------------------------------------------------------------------------- callbacks
+class F1Evaluation(keras.callbacks.Callback):
+    """Adds val_micro_f1, val_macro_f1 and val_f1 to the epoch logs; list it before the callbacks
+    that read them (checkpointing, history, TensorBoard)."""
+
+    def __init__(self, features: dict, gold: np.ndarray, batch_size: int):
+        super().__init__()
+        self.features, self.gold, self.batch_size = features, gold, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        logits = self.model.predict(self.features, batch_size=self.batch_size, verbose=0)
+        if logs is not None:
+            scores = f1_scores(self.gold, sigmoid(logits))
+            logs.update({f"val_{k}": v for k, v in scores.items()})
+
+
+class SaveBest(keras.callbacks.Callback):
+    """Calls `save()` whenever `monitor` improves; remembers the best value across resumes."""
+
+    def __init__(self, monitor: str, mode: str, save: Callable[[], None], state_file: str):
+        super().__init__()
+        self.monitor, self.mode, self.save, self.state_file = monitor, mode, save, state_file
+        self.best = read_json(state_file, {}).get("best") if os.path.exists(state_file) else None
+
+    def improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and self.improved(float(value)):
+            self.best = float(value)
+            self.save()
+            write_json(self.state_file, {"best": self.best, "epoch": epoch + 1,
+                                         "monitor": self.monitor})
+            print(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved")
+
+
+class HistoryFile(keras.callbacks.Callback):
+    """Keeps history.json up to date each epoch, continuing the file when a run resumes."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        history = read_json(self.path, [])
+        history = [h for h in history if h["epoch"] < epoch + 1]
+        history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+        write_json(self.path, history)
+
+
+# ----------------------------------------------------------------------------- utilities
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+def write_json(path: str, value) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path: str, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def head_file(source: str, num_lines: int, target: str, encoding: str = "utf-8") -> str:
+    """Copy the first `num_lines` lines of `source` to `target` (test_mode's small slice)."""
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    with open(source, encoding=encoding, newline="") as src, \
+            open(target + ".tmp", "w", encoding="utf-8", newline="") as dst:
+        for i, line in enumerate(src):
+            if i >= num_lines:
+                break
+            dst.write(line)
+    os.replace(target + ".tmp", target)
+    return target
+
+
+def summary_line(name: str, **values) -> str:
+    """The one grep-able `name key=value ...` line every script ends with."""
+    parts = [name] + [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in values.items()]
+    line = " ".join(parts)
+    print(line, flush=True)
+    return line
+
+
+def plot_history(history: list[dict], keys: list[str], path: str, title: str) -> None:
+    """A PNG of the chosen metrics against epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        points = [(h["epoch"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.time()
+
+    def seconds(self) -> int:
+        return int(round(time.time() - self.start))
+
+
+def guard(main: Callable) -> Callable:
+    """Wrap a script's main so that a user mistake (bad data, config or flag) ends in one line."""
+    import data_util_hdf5 as du
+    import model
+
+    user_errors = (du.DataError, model.ConfigError, model.BackboneMismatchError)
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except user_errors as error:
+            fail(str(error))
+    return guarded
+
+
+def fail(message: str) -> None:
+    """Stop a script with one clear line instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def prepare_run_dir(run_dir: str, results: list[str]) -> str:
+    """Create the run directory. A finished earlier run's `results` (and logs) are cleared so
+    they cannot mix with this one; a half-finished run (backup/ present) is kept so it resumes."""
+    if os.path.isdir(run_dir) and not os.path.isdir(os.path.join(run_dir, "backup")):
+        for name in results:
+            path = os.path.join(run_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+        shutil.rmtree(os.path.join(run_dir, "logs"), ignore_errors=True)
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
