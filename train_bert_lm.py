@@ -86,7 +86,7 @@ def main(_):
         tu.HistoryFile(os.path.join(run_dir, "history.json")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
     ]
-    pretrainer.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks,
+    pretrainer.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, shuffle=False,
                    verbose=2 if FLAGS.test_mode else "auto")
 
     # -------------------------------------------------------------------- report

@@ -1,0 +1,9 @@
+"""Swappable backbones (Transformer, TextCNN), heads and task models. See DESIGN.md's contract."""
+from .backbone import INPUT_NAMES, backbone_inputs, build_backbone, get_token_embedding
+from .config import PRESETS, ConfigError, ModelConfig, config_from_preset
+from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead, one_hot_gather
+from .io import BackboneMismatchError, load_backbone, save_backbone
+from .layers import Embeddings, Pooler, TextCNNEncoder, TransformerBlock
+from .tasks import (MaskedLMAccuracy, build_classifier, build_pretraining_model,
+                    compile_classifier, compile_pretraining_model, masked_lm_loss,
+                    multilabel_loss)

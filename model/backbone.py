@@ -1,0 +1,47 @@
+"""Backbones: a functional keras.Model from the three id inputs to sequence and pooled outputs."""
+from __future__ import annotations
+
+import keras
+
+from .config import ModelConfig
+from .layers import Embeddings, Pooler, TextCNNEncoder, TransformerBlock
+
+INPUT_NAMES = ("token_ids", "segment_ids", "padding_mask")
+
+
+def backbone_inputs() -> dict[str, keras.KerasTensor]:
+    """int32 [B,T] inputs of any length T: ids, segment ids, and 1 for real tokens / 0 for padding."""
+    return {name: keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
+
+
+def build_backbone(config: ModelConfig) -> keras.Model:
+    """`{token_ids, segment_ids, padding_mask}` -> `{sequence_output [B,T,d], pooled_output [B,d]}`.
+
+    Transformer: `num_layer` encoder blocks, pooled = the [CLS] state. TextCNN: per-position
+    convolution features projected to d_model, pooled = max + mean over the real positions.
+    """
+    config.validate()
+    inputs = backbone_inputs()
+    embeddings = Embeddings(config.vocab_size, config.d_model, config.max_position,
+                            config.type_vocab_size, config.dropout, config.initializer_range,
+                            name="embeddings")
+    x = embeddings(inputs["token_ids"], inputs["segment_ids"])
+    if config.backbone == "transformer":
+        for i in range(config.num_layer):
+            x = TransformerBlock(config.d_model, config.num_header, config.d_k, config.d_v,
+                                 config.d_ff, config.dropout, config.initializer_range,
+                                 name=f"transformer_layer_{i}")(x, inputs["padding_mask"])
+        pooler = Pooler(config.d_model, "cls", config.pooled_tanh, config.initializer_range,
+                        name="pooler")
+    else:
+        x = TextCNNEncoder(config.d_model, config.filter_sizes, config.num_filters,
+                           config.dropout, config.initializer_range, name="textcnn")(
+            x, inputs["padding_mask"])
+        pooler = Pooler(config.d_model, "max_mean", False, config.initializer_range, name="pooler")
+    pooled = pooler(x, inputs["padding_mask"])
+    return keras.Model(inputs, {"sequence_output": x, "pooled_output": pooled}, name="backbone")
+
+
+def get_token_embedding(backbone: keras.Model) -> keras.layers.Embedding:
+    """The token embedding layer, which the masked-LM head shares (tied weights)."""
+    return backbone.get_layer("embeddings").token_embedding

@@ -1,0 +1,119 @@
+"""Heads: masked LM (one-hot gather + tied output embedding), next sentence, multi-label."""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from .layers import PACKAGE, initializer
+
+
+def one_hot_gather(sequence_output, positions):
+    """States at `positions` [B,P] of `sequence_output` [B,T,d] -> [B,P,d].
+
+    The method the original describes: one_hot(positions, T) [B,P,T] times the sequence output.
+    A matmul instead of a gather, which maps well onto accelerators and XLA.
+    """
+    length = ops.shape(sequence_output)[1]
+    selector = ops.one_hot(positions, length, dtype=sequence_output.dtype)
+    return ops.einsum("bpt,btd->bpd", selector, sequence_output)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MaskedLMHead(keras.layers.Layer):
+    """Scores every vocabulary token at the masked positions.
+
+    Gathers the states (one-hot gather), transforms them (dense + GELU + LayerNorm) and scores
+    them against the token-embedding matrix it shares with the backbone, plus a bias. No dropout
+    on the logits (the original's mistake).
+    Call: `(sequence_output [B,T,d], masked_positions [B,P])` -> logits `[B,P,vocab_size]`.
+    """
+
+    def __init__(self, token_embedding: keras.layers.Embedding, initializer_range: float = 0.02,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.token_embedding = token_embedding
+        self.initializer_range = initializer_range
+        self.d_model = token_embedding.output_dim
+        self.vocab_size = token_embedding.input_dim
+        self.transform = keras.layers.Dense(self.d_model, activation="gelu",
+                                            kernel_initializer=initializer(initializer_range),
+                                            name="transform")
+        self.layer_norm = keras.layers.LayerNormalization(epsilon=1e-12, name="layer_norm")
+
+    def build(self, sequence_output_shape, masked_positions_shape=None):
+        self.transform.build((None, None, self.d_model))
+        self.layer_norm.build((None, None, self.d_model))
+        self.bias = self.add_weight(name="output_bias", shape=(self.vocab_size,),
+                                    initializer="zeros")
+        self.built = True
+
+    def call(self, sequence_output, masked_positions):
+        hidden = self.layer_norm(self.transform(one_hot_gather(sequence_output, masked_positions)))
+        logits = ops.matmul(hidden, ops.transpose(self.token_embedding.embeddings))
+        return logits + self.bias
+
+    def compute_output_shape(self, sequence_output_shape, masked_positions_shape):
+        return tuple(masked_positions_shape) + (self.vocab_size,)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "initializer_range": self.initializer_range,
+                "token_embedding": keras.layers.serialize(self.token_embedding)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "MaskedLMHead":
+        config = dict(config)
+        config["token_embedding"] = keras.layers.deserialize(config["token_embedding"])
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class NextSentenceHead(keras.layers.Layer):
+    """Is segment B the real continuation of A? Logits [B,2] from the pooled output."""
+
+    def __init__(self, d_model: int, initializer_range: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.d_model, self.initializer_range = d_model, initializer_range
+        self.dense = keras.layers.Dense(2, kernel_initializer=initializer(initializer_range),
+                                        name="logits")
+
+    def build(self, input_shape):
+        self.dense.build((None, self.d_model))
+        self.built = True
+
+    def call(self, pooled_output):
+        return self.dense(pooled_output)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 2)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "d_model": self.d_model,
+                "initializer_range": self.initializer_range}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MultiLabelHead(keras.layers.Layer):
+    """dropout -> dense(num_labels): one logit per label; sigmoid gives its probability."""
+
+    def __init__(self, d_model: int, num_labels: int, dropout: float = 0.1,
+                 initializer_range: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.d_model, self.num_labels = d_model, num_labels
+        self.dropout, self.initializer_range = dropout, initializer_range
+        self.dropout_layer = keras.layers.Dropout(dropout)
+        self.dense = keras.layers.Dense(num_labels, kernel_initializer=initializer(initializer_range),
+                                        name="logits")
+
+    def build(self, input_shape):
+        self.dense.build((None, self.d_model))
+        self.built = True
+
+    def call(self, pooled_output, training=None):
+        return self.dense(self.dropout_layer(pooled_output, training=training))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_labels)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "d_model": self.d_model, "num_labels": self.num_labels,
+                "dropout": self.dropout, "initializer_range": self.initializer_range}

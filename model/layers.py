@@ -1,0 +1,215 @@
+"""The building blocks of both backbones. Each layer round-trips through get_config."""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+PACKAGE = "bert_lm"
+
+
+def initializer(stddev: float) -> keras.initializers.Initializer:
+    return keras.initializers.TruncatedNormal(stddev=stddev)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Embeddings(keras.layers.Layer):
+    """token + learned position + segment embeddings, then LayerNorm and dropout.
+
+    Shared by both backbones and both stages. The position table has `max_position` rows, so
+    pretraining and fine-tuning may use different lengths (the original built a new table per
+    length, and set it to a constant).
+    Call: `(token_ids [B,T], segment_ids [B,T])` -> `[B,T,d_model]`.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, max_position: int, type_vocab_size: int,
+                 dropout: float = 0.1, initializer_range: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.d_model = vocab_size, d_model
+        self.max_position, self.type_vocab_size = max_position, type_vocab_size
+        self.dropout, self.initializer_range = dropout, initializer_range
+        init = initializer(initializer_range)
+        self.token_embedding = keras.layers.Embedding(vocab_size, d_model, embeddings_initializer=init,
+                                                      name="token_embedding")
+        self.segment_embedding = keras.layers.Embedding(type_vocab_size, d_model,
+                                                        embeddings_initializer=init,
+                                                        name="segment_embedding")
+        self.layer_norm = keras.layers.LayerNormalization(epsilon=1e-12, name="layer_norm")
+        self.dropout_layer = keras.layers.Dropout(dropout)
+
+    def build(self, token_ids_shape, segment_ids_shape=None):
+        self.token_embedding.build((None, None))
+        self.segment_embedding.build((None, None))
+        self.position_embedding = self.add_weight(
+            name="position_embedding", shape=(self.max_position, self.d_model),
+            initializer=initializer(self.initializer_range))
+        self.layer_norm.build((None, None, self.d_model))
+        self.built = True
+
+    def call(self, token_ids, segment_ids, training=None):
+        length = ops.shape(token_ids)[1]
+        positions = self.position_embedding[:length][None, :, :]
+        x = self.token_embedding(token_ids) + self.segment_embedding(segment_ids) + positions
+        return self.dropout_layer(self.layer_norm(x), training=training)
+
+    def compute_output_shape(self, token_ids_shape, segment_ids_shape=None):
+        return tuple(token_ids_shape) + (self.d_model,)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "vocab_size": self.vocab_size, "d_model": self.d_model,
+                "max_position": self.max_position, "type_vocab_size": self.type_vocab_size,
+                "dropout": self.dropout, "initializer_range": self.initializer_range}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TransformerBlock(keras.layers.Layer):
+    """Post-LN encoder block (as BERT): self-attention with the padding mask, then a GELU
+    feed-forward; residual + LayerNorm after each. Per-head key size d_k and value size d_v, as
+    the original's flags. Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`."""
+
+    def __init__(self, d_model: int, num_header: int, d_k: int, d_v: int, d_ff: int,
+                 dropout: float = 0.1, initializer_range: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.d_model, self.num_header, self.d_k, self.d_v = d_model, num_header, d_k, d_v
+        self.d_ff, self.dropout, self.initializer_range = d_ff, dropout, initializer_range
+        init = initializer(initializer_range)
+        self.attention = keras.layers.MultiHeadAttention(
+            num_heads=num_header, key_dim=d_k, value_dim=d_v, output_shape=d_model,
+            dropout=dropout, kernel_initializer=init, name="self_attention")
+        self.attention_norm = keras.layers.LayerNormalization(epsilon=1e-12,
+                                                              name="attention_layer_norm")
+        self.intermediate = keras.layers.Dense(d_ff, activation="gelu", kernel_initializer=init,
+                                               name="intermediate")
+        self.output_dense = keras.layers.Dense(d_model, kernel_initializer=init, name="output")
+        self.output_norm = keras.layers.LayerNormalization(epsilon=1e-12, name="output_layer_norm")
+        self.dropout_layer = keras.layers.Dropout(dropout)
+
+    def build(self, x_shape, padding_mask_shape=None):
+        shape = (None, None, self.d_model)
+        self.attention.build(shape, shape)
+        self.attention_norm.build(shape)
+        self.intermediate.build(shape)
+        self.output_dense.build((None, None, self.d_ff))
+        self.output_norm.build(shape)
+        self.built = True
+
+    def call(self, x, padding_mask, training=None):
+        # [B,1,T]: every query may attend to every real key, never to padding.
+        attention_mask = ops.cast(padding_mask, "bool")[:, None, :]
+        attended = self.attention(x, x, attention_mask=attention_mask, training=training)
+        x = self.attention_norm(x + self.dropout_layer(attended, training=training))
+        hidden = self.output_dense(self.intermediate(x))
+        return self.output_norm(x + self.dropout_layer(hidden, training=training))
+
+    def compute_output_shape(self, x_shape, padding_mask_shape=None):
+        return x_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "d_model": self.d_model, "num_header": self.num_header,
+                "d_k": self.d_k, "d_v": self.d_v, "d_ff": self.d_ff, "dropout": self.dropout,
+                "initializer_range": self.initializer_range}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TextCNNEncoder(keras.layers.Layer):
+    """The original's TextCNN (widths 2,3,4,5 x num_filters, two convolutions each with
+    normalisation + ReLU) with 'same' padding, so every position keeps its own state: the
+    masked-LM head can predict a word from its own position, not from a pooled sentence vector.
+    The branches are concatenated and projected to d_model.
+
+    Padding positions are zeroed before every convolution, so appended padding looks exactly
+    like the convolution's own zero padding and cannot change the real positions' outputs.
+    Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d_model]`.
+    """
+
+    def __init__(self, d_model: int, filter_sizes=(2, 3, 4, 5), num_filters: int = 128,
+                 dropout: float = 0.1, initializer_range: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.d_model, self.filter_sizes = d_model, tuple(filter_sizes)
+        self.num_filters, self.dropout, self.initializer_range = num_filters, dropout, initializer_range
+        init = initializer(initializer_range)
+        self.branches = []
+        for width in self.filter_sizes:
+            self.branches.append([
+                (keras.layers.Conv1D(num_filters, width, padding="same", kernel_initializer=init,
+                                     name=f"conv{width}_{i}"),
+                 keras.layers.LayerNormalization(epsilon=1e-6, name=f"conv{width}_{i}_norm"))
+                for i in (1, 2)])
+        self.projection = keras.layers.Dense(d_model, kernel_initializer=init, name="projection")
+        self.projection_norm = keras.layers.LayerNormalization(epsilon=1e-12,
+                                                               name="projection_layer_norm")
+        self.dropout_layer = keras.layers.Dropout(dropout)
+
+    def build(self, x_shape, padding_mask_shape=None):
+        for branch in self.branches:
+            channels = x_shape[-1]
+            for conv, norm in branch:
+                conv.build((None, None, channels))
+                norm.build((None, None, self.num_filters))
+                channels = self.num_filters
+        self.projection.build((None, None, self.num_filters * len(self.branches)))
+        self.projection_norm.build((None, None, self.d_model))
+        self.built = True
+
+    def call(self, x, padding_mask, training=None):
+        keep = ops.cast(padding_mask, x.dtype)[:, :, None]
+        features = []
+        for branch in self.branches:
+            h = x
+            for conv, norm in branch:
+                h = ops.relu(norm(conv(h * keep)))
+            features.append(h)
+        projected = self.projection(self.dropout_layer(ops.concatenate(features, axis=-1),
+                                                       training=training))
+        # a residual to the embeddings keeps each token's identity easy to read out
+        return self.projection_norm(projected + x)
+
+    def compute_output_shape(self, x_shape, padding_mask_shape=None):
+        return tuple(x_shape[:-1]) + (self.d_model,)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "d_model": self.d_model,
+                "filter_sizes": list(self.filter_sizes), "num_filters": self.num_filters,
+                "dropout": self.dropout, "initializer_range": self.initializer_range}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Pooler(keras.layers.Layer):
+    """Sentence vector: the [CLS] state (optionally through dense + tanh, as BERT) for the
+    Transformer; for the TextCNN, max over the real positions (the original's pooling) plus their
+    mean ("max_mean"), since a max alone cannot count (the toy task needs 10x the steps).
+    Call: `(sequence [B,T,d], padding_mask [B,T])` -> `[B,d]`."""
+
+    def __init__(self, d_model: int, method: str = "cls", use_tanh: bool = True,
+                 initializer_range: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        if method not in ("cls", "max", "max_mean"):
+            raise ValueError(f"pooling method {method!r} is not 'cls', 'max' or 'max_mean'")
+        self.d_model, self.method, self.use_tanh = d_model, method, use_tanh
+        self.initializer_range = initializer_range
+        self.dense = (keras.layers.Dense(d_model, activation="tanh",
+                                         kernel_initializer=initializer(initializer_range),
+                                         name="dense") if use_tanh else None)
+
+    def build(self, sequence_shape, padding_mask_shape=None):
+        if self.dense is not None:
+            self.dense.build((None, self.d_model))
+        self.built = True
+
+    def call(self, sequence, padding_mask):
+        if self.method == "cls":
+            pooled = sequence[:, 0, :]
+        else:
+            real = ops.cast(padding_mask, "bool")[:, :, None]
+            pooled = ops.max(ops.where(real, sequence, ops.full_like(sequence, -1e9)), axis=1)
+            if self.method == "max_mean":
+                weights = ops.cast(real, sequence.dtype)
+                pooled = pooled + ops.sum(sequence * weights, axis=1) / ops.maximum(
+                    ops.sum(weights, axis=1), 1.0)
+        return self.dense(pooled) if self.dense is not None else pooled
+
+    def compute_output_shape(self, sequence_shape, padding_mask_shape=None):
+        return (sequence_shape[0], self.d_model)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "d_model": self.d_model, "method": self.method,
+                "use_tanh": self.use_tanh, "initializer_range": self.initializer_range}

@@ -1,0 +1,99 @@
+"""Task models = backbone + head(s), with their losses and metrics."""
+from __future__ import annotations
+
+import warnings
+
+import keras
+from keras import ops
+
+from .backbone import INPUT_NAMES, get_token_embedding
+from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead
+from .layers import PACKAGE
+
+
+def build_pretraining_model(backbone: keras.Model, use_nsp: bool = False) -> keras.Model:
+    """Backbone inputs + `masked_positions` [B,P] -> `{"mlm": logits [B,P,V]}` (+ `"nsp"` [B,2])."""
+    inputs = {name: keras.Input(shape=(None,), dtype="int32", name=name)
+              for name in (*INPUT_NAMES, "masked_positions")}
+    outputs = backbone({name: inputs[name] for name in INPUT_NAMES})
+    head = MaskedLMHead(get_token_embedding(backbone),
+                        backbone.get_layer("embeddings").initializer_range, name="mlm_head")
+    results = {"mlm": head(outputs["sequence_output"], inputs["masked_positions"])}
+    if use_nsp:
+        d_model = backbone.get_layer("embeddings").d_model
+        results["nsp"] = NextSentenceHead(d_model, name="nsp_head")(outputs["pooled_output"])
+    return keras.Model(inputs, results, name="pretraining_model")
+
+
+def build_classifier(backbone: keras.Model, num_labels: int, dropout: float) -> keras.Model:
+    """Backbone inputs -> one logit per label [B, num_labels] (sigmoid for probabilities)."""
+    inputs = {name: keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
+    pooled = backbone(inputs)["pooled_output"]
+    embeddings = backbone.get_layer("embeddings")
+    logits = MultiLabelHead(embeddings.d_model, num_labels, dropout, embeddings.initializer_range,
+                            name="classifier_head")(pooled)
+    return keras.Model(inputs, logits, name="classifier")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+def masked_lm_loss(y_true, y_pred):
+    """Cross-entropy averaged over the real masked slots only.
+
+    `y_true` [B,P] holds the original ids; 0 (the PAD id) marks an unused slot, which costs nothing.
+    """
+    targets = ops.cast(y_true, "int32")
+    weights = ops.cast(targets != 0, y_pred.dtype)
+    losses = keras.losses.sparse_categorical_crossentropy(targets, y_pred, from_logits=True)
+    return ops.sum(losses * weights) / ops.maximum(ops.sum(weights), 1.0)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MaskedLMAccuracy(keras.metrics.Metric):
+    """Share of real masked slots (target != 0) whose top-scored token is the original one."""
+
+    def __init__(self, name: str = "accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.correct = self.add_variable(shape=(), initializer="zeros", name="correct")
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        targets = ops.cast(y_true, "int32")
+        real = ops.cast(targets != 0, "float32")
+        hits = ops.cast(ops.argmax(y_pred, axis=-1) == targets, "float32") * real
+        self.correct.assign_add(ops.sum(hits))
+        self.total.assign_add(ops.sum(real))
+
+    def result(self):
+        return self.correct / ops.maximum(self.total, 1.0)
+
+    def reset_state(self):
+        self.correct.assign(0.0)
+        self.total.assign(0.0)
+
+
+def compile_pretraining_model(model: keras.Model, optimizer, use_nsp: bool = False,
+                              jit_compile: bool = False) -> None:
+    """Logs mlm_loss, mlm_accuracy (+ nsp_loss, nsp_accuracy), and val_ versions of each."""
+    loss = {"mlm": masked_lm_loss}
+    # Keras prefixes metric names with the output name only when there are several outputs.
+    metrics = {"mlm": [MaskedLMAccuracy(name="accuracy")]}
+    if not use_nsp:
+        metrics["mlm"] = [MaskedLMAccuracy(name="mlm_accuracy"),
+                          keras.metrics.MeanMetricWrapper(masked_lm_loss, name="mlm_loss")]
+        # Without NSP the pooler gets no gradient; it is trained later, by fine-tuning.
+        warnings.filterwarnings("ignore", message="Gradients do not exist for variables .*pooler")
+    if use_nsp:
+        loss["nsp"] = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        metrics["nsp"] = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+def multilabel_loss(y_true, y_pred):
+    """Binary cross-entropy on logits, summed over labels (as the original), averaged over examples."""
+    losses = ops.binary_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred, from_logits=True)
+    return ops.sum(losses, axis=-1)
+
+
+def compile_classifier(model: keras.Model, optimizer, jit_compile: bool = False) -> None:
+    model.compile(optimizer=optimizer, loss=multilabel_loss, jit_compile=jit_compile)

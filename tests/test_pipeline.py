@@ -1,0 +1,140 @@
+"""The user's journey end to end, as subprocesses in test mode on the real sample data:
+pretrain -> fine-tune from that directory -> predict; from scratch; resume after a kill."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script: str, *flags: str, stdin: str | None = None, check: bool = True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT,
+                            input=stdin, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def summary(output: str, name: str) -> dict:
+    """Parse the script's last `name key=value ...` line."""
+    lines = [line for line in output.splitlines() if line.startswith(name + " ")]
+    assert lines, f"no summary line starting with {name!r} in:\n{output[-2000:]}"
+    return dict(part.split("=", 1) for part in lines[-1].split()[1:])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("lm"))
+    result = run("train_bert_lm.py", "--test_mode=True", f"--ckpt_dir={run_dir}")
+    return run_dir, summary(result.stdout, "pretrain")
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(pretrained, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("ft"))
+    result = run("train_bert_fine_tuning.py", "--test_mode=True", f"--pretrained_dir={pretrained[0]}",
+                 f"--ckpt_dir_save={run_dir}")
+    return run_dir, summary(result.stdout, "fine_tune")
+
+
+def test_pretraining_writes_a_usable_run_directory(pretrained):
+    run_dir, values = pretrained
+    for name in ("config.json", "vocab.txt", "data_config.json", "backbone.weights.h5",
+                 "history.json", "history.png"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    assert os.listdir(os.path.join(run_dir, "logs"))
+    assert 0.0 < float(values["best_valid_mlm_accuracy"]) < 1.0
+    assert float(values["best_valid_mlm_loss"]) < np.log(30000)
+
+
+def test_fine_tuning_reports_sane_scores_and_files(fine_tuned):
+    run_dir, values = fine_tuned
+    for key in ("test_micro_f1", "test_macro_f1", "test_f1", "best_valid_f1"):
+        assert 0.0 <= float(values[key]) <= 1.0, key
+    report = json.load(open(os.path.join(run_dir, "test_report.json"), encoding="utf-8"))
+    labels = open(os.path.join(run_dir, "labels.txt"), encoding="utf-8").read().split()
+    assert [r["label"] for r in report["per_label"]] == labels
+    assert set(labels) <= {"person", "place", "org", "time", "number", "other_proper", "none"}
+    history = json.load(open(os.path.join(run_dir, "history.json"), encoding="utf-8"))
+    assert [h["epoch"] for h in history] == [1, 2] and "val_f1" in history[0]
+
+
+def backbone_weights(backbone) -> list[np.ndarray]:
+    return [np.asarray(w) for w in backbone.get_weights()]
+
+
+def test_fine_tuning_starts_from_the_pretrained_backbone(pretrained, fine_tuned):
+    import predict
+    import model
+
+    saved, config = model.load_backbone(pretrained[0])
+    tuned = predict.Predictor(fine_tuned[0]).classifier.get_layer("backbone")
+    fresh = model.build_backbone(config)
+    # Two epochs at a small learning rate move the weights a little; a fresh start would be
+    # as far away as two random draws are from each other.
+    for before, after, random in zip(backbone_weights(saved), backbone_weights(tuned),
+                                     backbone_weights(fresh)):
+        assert before.shape == after.shape
+        if random.ndim >= 2:  # kernels and embeddings: randomly initialised
+            assert np.abs(after - before).mean() < 0.5 * np.abs(random - before).mean()
+
+
+def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path):
+    run_dir, _ = fine_tuned
+    text = "中国 政府 今天 在 北京 宣布 一 项 新 政策\n1998年 1月 人民 生活\n"
+    result = run("predict.py", f"--ckpt_dir={run_dir}", "--min_prob=0.0", stdin=text)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2
+    labels = open(os.path.join(run_dir, "labels.txt"), encoding="utf-8").read().split()
+    for row in rows:
+        assert row["labels"] and set(row["labels"]) <= set(labels)
+        assert set(row["probabilities"]) == set(labels)
+        assert all(0.0 <= p <= 1.0 for p in row["probabilities"].values())
+    export_dir = str(tmp_path / "export")
+    run("predict.py", f"--ckpt_dir={run_dir}", f"--export_dir={export_dir}")
+    import tensorflow as tf
+    loaded = tf.saved_model.load(export_dir)  # keep a reference: it owns the variables
+    served = loaded.serve(tf.constant([[2, 7, 8, 9, 0, 0]], tf.int32))
+    assert served["probabilities"].shape == (1, len(labels))
+
+
+def test_from_scratch_and_toy_task_summaries(tmp_path):
+    result = run("train_transform.py", "--test_mode=True", f"--ckpt_dir_save={tmp_path / 's'}",
+                 "--task=sentiment")
+    values = summary(result.stdout, "scratch")
+    assert 0.0 <= float(values["test_f1"]) <= 1.0
+    toy = run("train_transform.py", "--toy_task=True", "--backbone=textcnn", "--test_mode=True",
+              "--num_epochs=3")
+    assert float(summary(toy.stdout, "toy_task")["accuracy"]) >= 0.9
+
+
+def test_a_killed_pretraining_resumes_where_it_stopped(tmp_path):
+    run_dir = str(tmp_path / "lm")
+    flags = ["--test_mode=True", f"--ckpt_dir={run_dir}", "--num_epochs=3"]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_bert_lm.py"), *flags],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history_file = os.path.join(run_dir, "history.json")
+    deadline = time.time() + 300
+    while not os.path.exists(history_file) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert os.path.exists(history_file), "the first epoch never finished"
+    result = run("train_bert_lm.py", *flags)
+    assert "Epoch 1/3" not in result.stdout and "Epoch 3/3" in result.stdout
+    history = json.load(open(history_file, encoding="utf-8"))
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_bad_flags_and_files_end_in_one_line(tmp_path):
+    missing = run("train_bert_fine_tuning.py", f"--pretrained_dir={tmp_path / 'nothing'}",
+                  check=False)
+    assert missing.returncode != 0
+    assert "run train_bert_lm.py first" in missing.stderr
+    assert "Traceback" not in missing.stderr
