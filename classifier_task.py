@@ -144,7 +144,8 @@ def train(classifier: keras.Model, data: ClassificationData, run_dir: str, epoch
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
     ]
     classifier.fit(data.dataset("train", shuffle=True, seed=FLAGS.seed),
-                   validation_data=data.dataset("valid"), epochs=epochs, callbacks=callbacks, shuffle=False,
+                   validation_data=data.dataset("valid"), epochs=epochs, callbacks=callbacks,
+                   shuffle=False,
                    verbose=2 if FLAGS.test_mode else "auto")
     classifier.load_weights(weights_file)
     return tu.read_json(os.path.join(run_dir, "history.json"), [])

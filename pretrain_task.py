@@ -83,13 +83,25 @@ def _document_chunks(corpus: Corpus, budget: int) -> list[list[np.ndarray]]:
 
 
 def pack_sequences(corpus: Corpus, sequence_length: int) -> np.ndarray:
-    """`[CLS] sentences... [SEP]` rows, int32 [N, sequence_length], padded with PAD_ID."""
-    chunks = [c for doc in _document_chunks(corpus, sequence_length - 2) for c in doc]
-    rows = np.full((len(chunks), sequence_length), du.PAD_ID, np.int32)
-    for i, chunk in enumerate(chunks):
-        row = np.concatenate([[du.CLS_ID], chunk, [du.SEP_ID]])
-        rows[i, :len(row)] = row
-    return rows
+    """`[CLS] piece [SEP] piece [SEP] ...` rows, int32 [N, sequence_length], padded with PAD_ID.
+
+    A piece is whole sentences of one document; pieces of consecutive documents share a row
+    while they fit, so short documents (a review, a caption) do not leave rows mostly padding.
+    """
+    rows, row = [], [du.CLS_ID]
+    for doc in _document_chunks(corpus, sequence_length - 2):
+        for chunk in doc:
+            if len(row) + len(chunk) + 1 > sequence_length:
+                rows.append(row)
+                row = [du.CLS_ID]
+            row.extend(chunk.tolist())
+            row.append(du.SEP_ID)
+    if len(row) > 1:
+        rows.append(row)
+    packed = np.full((len(rows), sequence_length), du.PAD_ID, np.int32)
+    for i, ids in enumerate(rows):
+        packed[i, :len(ids)] = ids
+    return packed
 
 
 def make_nsp_pairs(corpus: Corpus, sequence_length: int, seed: int

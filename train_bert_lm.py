@@ -46,6 +46,8 @@ def main(_):
     timer = tu.Timer()
     keras.utils.set_random_seed(FLAGS.seed)
     strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
+    print(f"distribution: {FLAGS.distribution_strategy}, "
+          f"num_replicas_in_sync={strategy.num_replicas_in_sync}")
     run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir, ["history.json", "best.json"])
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
     epochs = tu.epochs_to_run(test_mode_default=1)
@@ -61,7 +63,8 @@ def main(_):
     vocab = load_or_build_vocab(corpus_file, run_dir, style)
     cache = pt.load_or_build_corpus_cache(corpus_file, vocab, style, cache_dir,
                                           FLAGS.encoding, FLAGS.process_num)
-    train_corpus, valid_corpus = pt.split_documents(pt.read_corpus(cache, vocab), FLAGS.valid_fraction,
+    train_corpus, valid_corpus = pt.split_documents(pt.read_corpus(cache, vocab),
+                                                    FLAGS.valid_fraction,
                                                     FLAGS.seed)
     train_ds, valid_ds, steps = make_datasets(train_corpus, valid_corpus, len(vocab))
     print(f"pretraining: {steps} steps an epoch, {epochs} epochs, vocabulary {len(vocab)}")
@@ -86,7 +89,8 @@ def main(_):
         tu.HistoryFile(os.path.join(run_dir, "history.json")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
     ]
-    pretrainer.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, shuffle=False,
+    pretrainer.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks,
+                   shuffle=False,
                    verbose=2 if FLAGS.test_mode else "auto")
 
     # -------------------------------------------------------------------- report
@@ -104,7 +108,8 @@ def main(_):
 
 def load_or_build_vocab(corpus_file: str, run_dir: str, style: str) -> du.Vocabulary:
     """Reuse the run's vocabulary when it was built from the same corpus and settings."""
-    wanted = {"corpus_fingerprint": du.file_fingerprint(corpus_file), "vocab_size": FLAGS.vocab_size,
+    wanted = {"corpus_fingerprint": du.file_fingerprint(corpus_file),
+              "vocab_size": FLAGS.vocab_size,
               "tokenize_style": style, "sequence_length_lm": FLAGS.sequence_length_lm}
     info_file, vocab_file = os.path.join(run_dir, "data_config.json"), os.path.join(run_dir,
                                                                                      "vocab.txt")

@@ -57,7 +57,7 @@ def main(_):
 
 
 def run_toy_task(strategy, preset: str, timer: tu.Timer) -> None:
-    """Held-out accuracy on the toy task: the convergence check the original's Transformer failed."""
+    """Held-out accuracy on the toy task, the convergence check the original's Transformer failed."""
     (train_x, train_y), (test_x, test_y) = (ct.toy_task_data(n, 24, FLAGS.seed + i)
                                             for i, n in enumerate((4000, 1000)))
     config = tu.config_from_flags(ct.TOY_VOCAB_SIZE, preset)

@@ -114,7 +114,7 @@ def split_cpu_for_testing(count: int) -> None:
 # ------------------------------------------------------------------------------- optimiser
 @keras.saving.register_keras_serializable(package="bert_lm")
 class WarmupExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `learning_rate` over `warmup_steps`, then the original's exponential decay."""
+    """Linear warm-up to `learning_rate` over `warmup_steps`, then exponential decay."""
 
     def __init__(self, learning_rate: float, decay_steps: int, decay_rate: float,
                  warmup_steps: int = 0):

@@ -35,26 +35,37 @@ SMALL_BUDGET_LINES = 1000
 MODELS = ("fasttext", "tfidf_lr", "textcnn_scratch", "textcnn_pretrained",
           "transformer_scratch", "transformer_pretrained")
 
-# What the README figures use. Sequence lengths cover ~95% of each task's lines.
+# What the README figures use, sized to fit about 75 minutes on 2 cores. Sequence lengths cover
+# most lines of each task (entities paragraphs average 58 tokens, reviews fewer).
 FULL = {
-    "sequence_length": {"sentiment": 64, "entities": 96},
-    "pretrain": {"textcnn": ["--preset=small", "--num_epochs=8", "--learning_rate=1e-3"],
-                 "transformer": ["--preset=small", "--num_layer=4", "--num_epochs=8",
-                                 "--learning_rate=5e-4", "--warmup_steps=300"]},
-    "model": {"textcnn": ["--preset=small"], "transformer": ["--preset=small", "--num_layer=4"]},
-    "epochs": {"small": 15, "full": 5},
+    "sequence_length": {"sentiment": 64, "entities": 80},
+    "pretrain_lines": None,
+    "full_lines": None,
+    "pretrain": {"textcnn": ["--preset=small", "--num_epochs=3", "--learning_rate=1e-3",
+                             "--vocab_size=20000"],
+                 "transformer": ["--preset=small", "--num_layer=2", "--num_epochs=3",
+                                 "--learning_rate=5e-4", "--warmup_steps=300",
+                                 "--vocab_size=20000"]},
+    "model": {"textcnn": ["--preset=small", "--vocab_size=20000"],
+              "transformer": ["--preset=small", "--num_layer=2", "--vocab_size=20000"]},
+    "epochs": {"small": 8, "full": 2},
+    "batch_size": 64,
     "scratch_lr": (3e-4, 1e-3, 3e-3),
     "pretrained_lr": (1e-4, 3e-4, 1e-3),
     "fasttext_grid": [(lr, ep) for lr in (0.5, 1.0) for ep in (25, 50)],
     "tfidf_c": (1.0, 10.0, 100.0),
 }
+# Every row on slices of the data with tiny models: checks the machinery, not the figures.
 QUICK = {
     "sequence_length": {"sentiment": 32, "entities": 48},
+    "pretrain_lines": 2000,
+    "full_lines": 2000,
     "pretrain": {"textcnn": ["--preset=tiny", "--num_epochs=1", "--learning_rate=1e-3"],
                  "transformer": ["--preset=tiny", "--num_layer=2", "--num_epochs=1",
                                  "--learning_rate=5e-4"]},
     "model": {"textcnn": ["--preset=tiny"], "transformer": ["--preset=tiny", "--num_layer=2"]},
     "epochs": {"small": 2, "full": 1},
+    "batch_size": 64,
     "scratch_lr": (1e-3,),
     "pretrained_lr": (3e-4,),
     "fasttext_grid": [(0.5, 5)],
@@ -73,11 +84,13 @@ def read_labelled(path: str) -> tuple[list[str], list[list[str]]]:
     return texts, labels
 
 
-def small_budget_file(train_file: str, task: str, seed: int = 42) -> str:
-    """1,000 training lines drawn with a fixed seed (the rest counts as unlabelled text)."""
-    lines = open(train_file, encoding="utf-8").read().splitlines()
-    chosen = np.random.default_rng(seed).choice(len(lines), SMALL_BUDGET_LINES, replace=False)
-    path = os.path.join(WORK, task, "train_small.txt")
+def sample_lines(source: str, count: int | None, path: str, seed: int = 42) -> str:
+    """`count` lines of `source` drawn with a fixed seed, in their original order."""
+    if count is None:
+        return source
+    lines = open(source, encoding="utf-8").read().splitlines()
+    chosen = np.random.default_rng(seed).choice(len(lines), min(count, len(lines)), replace=False)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines[i] for i in sorted(chosen)) + "\n")
@@ -172,10 +185,11 @@ def run_script(script: str, flags: list[str], log_name: str) -> dict:
     return dict(part.split("=", 1) for part in last.split()[1:])
 
 
-def pretrain(backbone: str, settings: dict) -> dict:
+def pretrain(backbone: str, settings: dict, corpus: str) -> dict:
     run_dir = os.path.join(WORK, f"lm_{backbone}")
     start = time.time()
     values = run_script("train_bert_lm.py", [f"--backbone={backbone}", f"--ckpt_dir={run_dir}",
+                                             f"--mask_lm_source_file={corpus}",
                                              "--sequence_length_lm=64",
                                              *settings["pretrain"][backbone]],
                         f"pretrain_{backbone}")
@@ -191,7 +205,8 @@ def run_classifier(kind: str, backbone: str, task: str, budget: str, files: dict
     grid = settings["pretrained_lr" if pretrained_dir else "scratch_lr"]
     common = [f"--training_data_file={files['train']}", f"--valid_data_file={files['valid']}",
               f"--test_data_file={files['test']}", f"--num_epochs={settings['epochs'][budget]}",
-              f"--sequence_length={settings['sequence_length'][task]}", "--batch_size=32"]
+              f"--sequence_length={settings['sequence_length'][task]}",
+              f"--batch_size={settings['batch_size']}"]
     runs = []
     for lr in grid:
         run_dir = os.path.join(WORK, task, budget, f"{kind}_lr{lr:g}")
@@ -249,9 +264,11 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [(t, b) for t in results for b in results[t]]
-    fig, axes = plt.subplots(1, len(cells), figsize=(4.5 * len(cells), 3.8), squeeze=False)
-    for ax, (task, budget) in zip(axes[0], cells):
+    tasks = list(results)
+    budgets = list(results[tasks[0]])
+    fig, axes = plt.subplots(len(tasks), len(budgets), figsize=(5.5 * len(budgets),
+                                                                 3.6 * len(tasks)), squeeze=False)
+    for ax, (task, budget) in zip(axes.flat, [(t, b) for t in tasks for b in budgets]):
         for name, r in results[task][budget].items():
             if r.get("valid_curve"):
                 curve = r["valid_curve"]
@@ -263,10 +280,24 @@ def plot(results: dict, path: str) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel("valid average F1")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def write_reports(results: dict, pretraining: dict, settings_name: str, seconds: float,
+                  suffix: str) -> str:
+    table = write_table(results, pretraining, settings_name, seconds)
+    open(os.path.join(RESULTS, f"quality{suffix}.md"), "w", encoding="utf-8").write(table)
+    plot(results, os.path.join(RESULTS, f"quality{suffix}.png"))
+    return table
+
+
+def replot(suffix: str) -> None:
+    results = tu.read_json(os.path.join(RESULTS, f"quality{suffix}.json"))
+    meta = tu.read_json(os.path.join(RESULTS, f"quality{suffix}_meta.json"))
+    print(write_reports(results, meta["pretraining"], meta["settings"], meta["seconds"], suffix))
 
 
 def main() -> None:
@@ -274,21 +305,28 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings, for checking")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--budgets", default=",".join(BUDGETS))
+    parser.add_argument("--replot", action="store_true",
+                        help="only rewrite the table and plot from an earlier run's JSON")
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
     suffix = "_quick" if args.quick else ""
+    if args.replot:
+        return replot(suffix)
     start = time.time()
     sample = ensure_sample_data()
     os.makedirs(RESULTS, exist_ok=True)
 
-    pretraining = {b: pretrain(b, settings) for b in ("textcnn", "transformer")}
+    corpus = sample_lines(sample["pretrain"], settings["pretrain_lines"],
+                          os.path.join(WORK, "pretrain_corpus_quick.txt"))
+    pretraining = {b: pretrain(b, settings, corpus) for b in ("textcnn", "transformer")}
     print("pretraining:", json.dumps(pretraining), flush=True)
     results: dict = {}
     for task in args.tasks.split(","):
         for budget in args.budgets.split(","):
             files = dict(sample[task])
-            if budget == "small":
-                files["train"] = small_budget_file(files["train"], task)
+            lines = SMALL_BUDGET_LINES if budget == "small" else settings["full_lines"]
+            files["train"] = sample_lines(files["train"], lines,
+                                          os.path.join(WORK, task, f"train_{budget}{suffix}.txt"))
             cell = results.setdefault(task, {}).setdefault(budget, {})
             cell["fasttext"] = run_fasttext(files, settings["fasttext_grid"], task == "entities")
             cell["tfidf_lr"] = run_tfidf(files, settings["tfidf_c"])
@@ -307,10 +345,7 @@ def main() -> None:
                   {"settings": "quick" if args.quick else "full", "pretraining": pretraining,
                    "seconds": round(seconds), "cpu_count": os.cpu_count(),
                    "flags": {k: v for k, v in settings.items()}})
-    table = write_table(results, pretraining, "quick" if args.quick else "full", seconds)
-    open(os.path.join(RESULTS, f"quality{suffix}.md"), "w", encoding="utf-8").write(table)
-    plot(results, os.path.join(RESULTS, f"quality{suffix}.png"))
-    print(table)
+    print(write_reports(results, pretraining, "quick" if args.quick else "full", seconds, suffix))
     print(f"quality seconds={seconds:.0f} " + " ".join(
         f"{t}_{b}_{m}={r['test_f1']:.4f}" for t in results for b in results[t]
         for m, r in results[t][b].items()))

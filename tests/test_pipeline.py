@@ -138,3 +138,22 @@ def test_bad_flags_and_files_end_in_one_line(tmp_path):
     assert missing.returncode != 0
     assert "run train_bert_lm.py first" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_pretraining_runs_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
+    """The real script under MirroredStrategy with 2 replicas (2 logical CPUs, set up before
+    TensorFlow starts, which is why this runs in its own process)."""
+    code = (
+        "import sys, train_util as tu; tu.split_cpu_for_testing(2)\n"
+        "import tensorflow as tf; assert len(tf.config.list_logical_devices('CPU')) == 2\n"
+        "from absl import app; import train_bert_lm\n"
+        f"sys.argv = ['train_bert_lm.py', '--test_mode=True', '--distribution_strategy=mirrored',"
+        f" '--ckpt_dir={tmp_path / 'lm'}']\n"
+        "app.run(tu.guard(train_bert_lm.main))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "num_replicas_in_sync=2" in result.stdout
+    values = summary(result.stdout, "pretrain")
+    assert 0.0 < float(values["best_valid_mlm_accuracy"]) < 1.0
+

@@ -17,12 +17,15 @@ def make_corpus(documents: list[list[list[int]]]) -> pt.Corpus:
 
 
 def test_pack_sequences_packs_short_sentences_and_cuts_long_ones():
-    corpus = make_corpus([[[10, 11], [12, 13], [14]], [[20] * 9]])
-    rows = pt.pack_sequences(corpus, sequence_length=6)  # room for 4 tokens a row
+    corpus = make_corpus([[[10, 11], [12, 13], [14]], [[20] * 9], [[30]]])
+    rows = pt.pack_sequences(corpus, sequence_length=6)  # room for 4 tokens a piece
     assert rows.shape[1] == 6 and (rows[:, 0] == du.CLS_ID).all()
-    # document 1: [10 11 12 13] then [14]; document 2 (9 tokens): 4 + 4 + 1
+    # document 1: [10 11 12 13] then [14]; document 2 (9 tokens): 4 + 4 + 1; document 3: [30]
     assert rows[0].tolist() == [du.CLS_ID, 10, 11, 12, 13, du.SEP_ID]
     assert rows[1].tolist() == [du.CLS_ID, 14, du.SEP_ID, 0, 0, 0]
+    assert rows[2].tolist() == [du.CLS_ID, 20, 20, 20, 20, du.SEP_ID]
+    # short pieces of different documents share a row
+    assert rows[4].tolist() == [du.CLS_ID, 20, du.SEP_ID, 30, du.SEP_ID, 0]
     assert len(rows) == 5
     words = rows[rows >= FIRST_WORD]
     assert sorted(words.tolist()) == sorted(corpus.tokens.tolist())
