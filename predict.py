@@ -10,6 +10,7 @@ a line: {"line": n, "labels": [...], "probabilities": {label: p, ...}} with ever
 probability is at least --min_prob. Prediction uses the original's rule: every label with p >= 0.5,
 or the single most likely label when none reaches 0.5.
 """
+import itertools
 import json
 import os
 import sys
@@ -28,6 +29,8 @@ flags.DEFINE_string("input_file", None, "Text to label, one document a line. Def
 flags.DEFINE_string("encoding", "utf-8", "Text encoding of --input_file, e.g. gb18030.")
 flags.DEFINE_float("min_prob", 0.05, "Report every label with at least this probability.")
 flags.DEFINE_integer("batch_size", 256, "Documents scored per batch.")
+flags.DEFINE_boolean("test_mode", False, "Label only the first 100 documents, to try a run "
+                     "directory quickly.")
 flags.DEFINE_string("export_dir", None, "Write a TensorFlow SavedModel here (endpoint 'serve': "
                     "int32 token_ids [batch, length] -> probabilities [batch, labels]) and stop.")
 
@@ -116,8 +119,10 @@ def main(_):
             print(f"exported SavedModel to {FLAGS.export_dir}", file=sys.stderr)
             return
         count = 0
-        for result in predict_lines(predictor, read_documents(FLAGS.input_file, FLAGS.encoding),
-                                    FLAGS.batch_size, FLAGS.min_prob):
+        documents = read_documents(FLAGS.input_file, FLAGS.encoding)
+        if FLAGS.test_mode:
+            documents = itertools.islice(documents, 100)
+        for result in predict_lines(predictor, documents, FLAGS.batch_size, FLAGS.min_prob):
             print(json.dumps(result, ensure_ascii=False), flush=False)
             count += 1
         print(f"predict documents={count} ckpt_dir={FLAGS.ckpt_dir}", file=sys.stderr)

@@ -96,6 +96,12 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path):
         assert row["labels"] and set(row["labels"]) <= set(labels)
         assert set(row["probabilities"]) == set(labels)
         assert all(0.0 <= p <= 1.0 for p in row["probabilities"].values())
+    from_file = run("predict.py", f"--ckpt_dir={run_dir}", "--test_mode=True",
+                    f"--input_file={os.path.join(ROOT, 'data', 'entities', 'valid.txt')}")
+    assert len(from_file.stdout.splitlines()) == 100
+    missing = run("predict.py", f"--ckpt_dir={tmp_path}", stdin="x\n", check=False)
+    assert missing.returncode != 0 and "config.json is missing" in missing.stderr
+    assert "Traceback" not in missing.stderr
     export_dir = str(tmp_path / "export")
     run("predict.py", f"--ckpt_dir={run_dir}", f"--export_dir={export_dir}")
     import tensorflow as tf
