@@ -36,7 +36,7 @@ def main(_):
     timer = tu.Timer()
     keras.utils.set_random_seed(FLAGS.seed)
     strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
-    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ["history.json", "best.json"])
+    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ct.RUN_RESULTS)
     epochs = tu.epochs_to_run(test_mode_default=2)
     pretrained = FLAGS.pretrained_dir
     if not os.path.exists(os.path.join(pretrained, "backbone.weights.h5")):
@@ -49,6 +49,8 @@ def main(_):
     if FLAGS.tokenize_style not in (None, style):
         tu.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
                 f"'{style}' ({pretrained}/data_config.json); drop the flag")
+    model.ModelConfig.from_json(os.path.join(pretrained, "config.json")).check_sequence_length(
+        FLAGS.sequence_length)
     vocab = du.Vocabulary.load(os.path.join(pretrained, "vocab.txt"))
     data = ct.load_data(run_dir, vocab, style)
 

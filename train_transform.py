@@ -32,10 +32,13 @@ def main(_):
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
     if FLAGS.toy_task:
         return run_toy_task(strategy, preset, timer)
-    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ["history.json", "best.json"])
+    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ct.RUN_RESULTS)
     epochs = tu.epochs_to_run(test_mode_default=2)
 
     # ---------------------------------------------------------------------- data
+    if FLAGS.sequence_length > FLAGS.max_position:
+        tu.fail(f"--sequence_length={FLAGS.sequence_length} exceeds --max_position="
+                f"{FLAGS.max_position}; lower the first or raise the second")
     data = ct.load_data(run_dir, None, FLAGS.tokenize_style or "space")
 
     # --------------------------------------------------------------------- model
