@@ -28,8 +28,9 @@ FLAGS = flags.FLAGS
 tu.define_common_flags(1e-4, 0.01, "Use only the first few thousand corpus lines, the tiny "
                        "preset and one epoch, so the whole job finishes in about a minute.")
 tu.define_model_flags()
-flags.DEFINE_string("mask_lm_source_file", None, "Raw text for pretraining, one document a line. "
-                    "Default: the sample corpus, <data_path>/pretrain_corpus.txt.")
+flags.DEFINE_string("mask_lm_source_file", None, "Unlabelled text for pretraining, one document a "
+                    "line, its words separated by spaces (or give --tokenize_style=word/char for "
+                    "raw text). Default: the sample corpus, <data_path>/pretrain_corpus.txt.")
 flags.DEFINE_string("ckpt_dir", "runs/lm", "Run directory: weights, config, vocabulary, logs. "
                     "Fine-tuning reads it through its --pretrained_dir flag.")
 flags.DEFINE_integer("sequence_length_lm", 64, "Tokens per pretraining example, [CLS] and [SEP] "
