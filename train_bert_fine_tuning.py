@@ -14,7 +14,6 @@ config.json, vocab.txt, labels.txt, data_config.json, history.json/.png, test_re
 """
 import os
 
-import keras
 from absl import app, flags
 
 import classifier_task as ct
@@ -33,9 +32,7 @@ flags.DEFINE_boolean("freeze_backbone", False, "Train only the classifier head o
 
 def main(_):
     # --------------------------------------------------------------------- setup
-    timer = tu.Timer()
-    keras.utils.set_random_seed(FLAGS.seed)
-    strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
+    timer, strategy = tu.start_run()
     run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ct.RUN_RESULTS)
     epochs = tu.epochs_to_run(test_mode_default=2)
     pretrained = FLAGS.pretrained_dir

@@ -44,11 +44,7 @@ flags.DEFINE_float("valid_fraction", 0.05, "Fraction of corpus documents held ou
 
 def main(_):
     # --------------------------------------------------------------------- setup
-    timer = tu.Timer()
-    keras.utils.set_random_seed(FLAGS.seed)
-    strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
-    print(f"distribution: {FLAGS.distribution_strategy}, "
-          f"num_replicas_in_sync={strategy.num_replicas_in_sync}")
+    timer, strategy = tu.start_run()
     run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir, ["history.json", "best.json",
                                                    "backbone.weights.h5", "history.png"])
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset

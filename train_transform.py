@@ -9,7 +9,6 @@ The original's toy task (can the model learn at all? random 0/1 sequences, label
 
 Writes the same run directory as train_bert_fine_tuning.py (predict.py reads either).
 """
-import keras
 import numpy as np
 from absl import app, flags
 
@@ -26,9 +25,7 @@ flags.DEFINE_boolean("toy_task", False, "Train on the original's toy task instea
 
 def main(_):
     # --------------------------------------------------------------------- setup
-    timer = tu.Timer()
-    keras.utils.set_random_seed(FLAGS.seed)
-    strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
+    timer, strategy = tu.start_run()
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
     if FLAGS.toy_task:
         return run_toy_task(strategy, preset, timer)

@@ -89,6 +89,17 @@ def config_from_flags(vocab_size: int, preset: str):
 
 
 # ----------------------------------------------------------------------------- distribution
+def start_run() -> tuple["Timer", tf.distribute.Strategy]:
+    """What every training script does first: start the clock, seed everything, pick the
+    --distribution_strategy and say how many replicas it trains on."""
+    timer = Timer()
+    keras.utils.set_random_seed(FLAGS.seed)
+    strategy = get_distribution_strategy(FLAGS.distribution_strategy)
+    print(f"distribution: {FLAGS.distribution_strategy}, "
+          f"num_replicas_in_sync={strategy.num_replicas_in_sync}")
+    return timer, strategy
+
+
 def get_distribution_strategy(name: str) -> tf.distribute.Strategy:
     """Map the --distribution_strategy flag to a tf.distribute strategy (one_device = no-op)."""
     if name == "one_device":
