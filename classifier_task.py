@@ -66,6 +66,9 @@ def data_files(run_dir: str) -> dict[str, str]:
             tu.fail(f"--task={FLAGS.task!r} is not a sample task; use entities or sentiment")
         given = {split: given[split] or path for split, path in sample[FLAGS.task].items()}
     files = {split: path for split, path in given.items() if path}
+    if "valid" not in files:
+        tu.fail("--valid_data_file is needed with --training_data_file: it picks the best epoch "
+                "(hold out about a tenth of your labelled lines for it)")
     for split, path in files.items():
         if not os.path.exists(path):
             tu.fail(f"{path}: no such file (the {split} data file); check the path flag")
@@ -81,12 +84,13 @@ def load_data(run_dir: str, vocab: du.Vocabulary | None, tokenize_style: str) ->
     """Labels from the training file; vocabulary given (pretrained) or built from it (scratch)."""
     files = data_files(run_dir)
     labels = du.build_label_list(files["train"], FLAGS.encoding)
-    if vocab is None:
-        vocab = du.build_vocabulary([files["train"]], tokenize_style, FLAGS.vocab_size,
-                                    labelled=True, encoding=FLAGS.encoding,
-                                    process_num=FLAGS.process_num)
+    du.warn_if_unsegmented(files["train"], tokenize_style, labelled=True, encoding=FLAGS.encoding)
     cache_dir = FLAGS.cache_dir or os.path.join(os.path.dirname(os.path.abspath(files["train"])),
                                                 "cache")
+    if vocab is None:
+        vocab = du.load_or_build_vocabulary([files["train"]], tokenize_style, FLAGS.vocab_size,
+                                            cache_dir, labelled=True, encoding=FLAGS.encoding,
+                                            process_num=FLAGS.process_num)
     cache = du.load_or_build_classification_cache(files, vocab, labels, FLAGS.sequence_length,
                                                   tokenize_style, cache_dir, FLAGS.encoding,
                                                   FLAGS.process_num)
@@ -94,6 +98,11 @@ def load_data(run_dir: str, vocab: du.Vocabulary | None, tokenize_style: str) ->
     print(", ".join(f"{split}: {len(ids)} examples" for split, (ids, _) in splits.items())
           + f"; {len(labels)} labels; vocabulary {len(vocab)}")
     return ClassificationData(vocab, labels, tokenize_style, splits)
+
+
+# What a finished earlier run in the same directory leaves and a new run must not mix with.
+RUN_RESULTS = ["history.json", "best.json", "classifier.weights.h5", "test_report.json",
+               "valid_report.json", "history.png"]
 
 
 def save_run_files(run_dir: str, data: ClassificationData, config: model.ModelConfig) -> None:
@@ -112,7 +121,7 @@ def build_and_compile(backbone: keras.Model, num_labels: int,
     backbone.trainable = not freeze_backbone
     classifier = model.build_classifier(backbone, num_labels, 1.0 - FLAGS.dropout_keep_prob)
     optimizer = tu.make_optimizer(FLAGS.learning_rate, FLAGS.decay_steps, FLAGS.decay_rate,
-                                  FLAGS.warmup_steps, FLAGS.weight_decay)
+                                  FLAGS.warmup_steps or 0, FLAGS.weight_decay)
     model.compile_classifier(classifier, optimizer, FLAGS.jit_compile)
     return classifier
 

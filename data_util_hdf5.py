@@ -165,16 +165,21 @@ def read_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
     """Yield (line number from 1, text) without the line end; streams, so any file size is fine."""
     check_encoding(encoding)
     with _open_binary(path) as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode(encoding)
-            except UnicodeDecodeError as error:
-                raise DataError(f"{path}:{line_no}: cannot decode as {encoding} (bad byte at "
-                                f"column {error.start + 1}); pass --encoding gb18030 for "
-                                "GBK/GB2312 files, or the file's real encoding") from None
-            if line_no == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            yield line_no, text.rstrip("\r\n")
+        yield from decode_lines(f, path, encoding)
+
+
+def decode_lines(stream, name: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """`read_lines` for an open binary stream (stdin, say) called `name` in error messages."""
+    for line_no, raw in enumerate(stream, start=1):
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{name}:{line_no}: cannot decode as {encoding} (bad byte at "
+                            f"column {error.start + 1}); pass --encoding gb18030 for "
+                            "GBK/GB2312 files, or the file's real encoding") from None
+        if line_no == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        yield line_no, text.rstrip("\r\n")
 
 
 def _open_binary(path: str):
@@ -427,6 +432,43 @@ def build_vocabulary(paths: list[str], tokenize_style: str, vocab_size: int,
 
 
 # ----------------------------------------------------------------------------- labels
+def load_or_build_vocabulary(paths: list[str], tokenize_style: str, vocab_size: int,
+                             cache_dir: str, labelled: bool = False, encoding: str = "utf-8",
+                             process_num: int | None = None) -> Vocabulary:
+    """`build_vocabulary`, kept in `cache_dir` under a fingerprint of its inputs so that an
+    unchanged corpus is not tokenized again just to count its words."""
+    fingerprint = fingerprint_of({"files": [file_fingerprint(p) for p in paths],
+                                  "tokenize_style": tokenize_style, "vocab_size": vocab_size,
+                                  "labelled": labelled, "encoding": encoding,
+                                  "format": FORMAT_VERSION})
+    path = os.path.join(cache_dir, f"vocab-{fingerprint[:20]}.txt")
+    if os.path.exists(path):
+        return Vocabulary.load(path)
+    vocab = build_vocabulary(paths, tokenize_style, vocab_size, labelled, encoding, process_num)
+    vocab.save(path)
+    return vocab
+
+
+def warn_if_unsegmented(path: str, tokenize_style: str, labelled: bool = False,
+                        encoding: str = "utf-8", sample_lines: int = 200) -> bool:
+    """Warn (one line) when `space` style meets text that has no spaces, e.g. raw Chinese, where
+    every line would become a single token. Returns whether it warned."""
+    if tokenize_style != "space":
+        return False
+    unsegmented = seen = 0
+    for _, line in itertools.islice(read_lines(path, encoding), sample_lines):
+        text = parse_label_line(line)[0] if labelled else line.strip()
+        if text:
+            seen += 1
+            unsegmented += len(text) >= 10 and len(text.split()) == 1
+    if seen and unsegmented > seen / 2:
+        print(f"warning: {path}: {unsegmented} of the first {seen} lines hold no spaces, so "
+              "--tokenize_style=space makes each of them one token; for raw text pass "
+              "--tokenize_style=word (jieba) or char", file=sys.stderr)
+        return True
+    return False
+
+
 def build_label_list(train_path: str, encoding: str = "utf-8") -> list[str]:
     """Labels of the training file, most frequent (in lines) first, ties by name."""
     counts: collections.Counter = collections.Counter()

@@ -51,7 +51,12 @@ class Predictor:
         config = model.ModelConfig.from_json(os.path.join(run_dir, "config.json"))
         self.classifier = model.build_classifier(model.build_backbone(config), len(self.labels),
                                                  info["dropout"])
-        self.classifier.load_weights(os.path.join(run_dir, "classifier.weights.h5"))
+        try:
+            self.classifier.load_weights(os.path.join(run_dir, "classifier.weights.h5"))
+        except ValueError as error:
+            raise du.DataError(f"{run_dir}/classifier.weights.h5 does not fit its config.json "
+                               f"({str(error).splitlines()[0][:120]}); the run directory mixes "
+                               "files of different runs, train it again") from None
 
     def encode(self, texts: list[str]) -> np.ndarray:
         rows = [du.encode_example(du.tokenize(du.parse_label_line(t)[0], self.tokenize_style),
@@ -84,7 +89,8 @@ class Predictor:
 
 def read_documents(path: str | None, encoding: str):
     if path is None:
-        yield from enumerate((line.rstrip("\r\n") for line in sys.stdin), start=1)
+        du.check_encoding(encoding)
+        yield from du.decode_lines(sys.stdin.buffer, "<stdin>", encoding)
     else:
         yield from du.read_lines(path, encoding)
 
@@ -112,23 +118,20 @@ def _score(predictor: Predictor, batch: list, min_prob: float):
 
 
 def main(_):
-    try:
-        predictor = Predictor(FLAGS.ckpt_dir)
-        if FLAGS.export_dir:
-            predictor.export(FLAGS.export_dir)
-            print(f"exported SavedModel to {FLAGS.export_dir}", file=sys.stderr)
-            return
-        count = 0
-        documents = read_documents(FLAGS.input_file, FLAGS.encoding)
-        if FLAGS.test_mode:
-            documents = itertools.islice(documents, 100)
-        for result in predict_lines(predictor, documents, FLAGS.batch_size, FLAGS.min_prob):
-            print(json.dumps(result, ensure_ascii=False), flush=False)
-            count += 1
-        print(f"predict documents={count} ckpt_dir={FLAGS.ckpt_dir}", file=sys.stderr)
-    except du.DataError as error:
-        tu.fail(str(error))
+    predictor = Predictor(FLAGS.ckpt_dir)
+    if FLAGS.export_dir:
+        predictor.export(FLAGS.export_dir)
+        print(f"exported SavedModel to {FLAGS.export_dir}", file=sys.stderr)
+        return
+    count = 0
+    documents = read_documents(FLAGS.input_file, FLAGS.encoding)
+    if FLAGS.test_mode:
+        documents = itertools.islice(documents, 100)
+    for result in predict_lines(predictor, documents, FLAGS.batch_size, FLAGS.min_prob):
+        print(json.dumps(result, ensure_ascii=False), flush=False)
+        count += 1
+    print(f"predict documents={count} ckpt_dir={FLAGS.ckpt_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(tu.guard(main))

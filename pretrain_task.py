@@ -88,20 +88,22 @@ def pack_sequences(corpus: Corpus, sequence_length: int) -> np.ndarray:
     A piece is whole sentences of one document; pieces of consecutive documents share a row
     while they fit, so short documents (a review, a caption) do not leave rows mostly padding.
     """
-    rows, row = [], [du.CLS_ID]
-    for doc in _document_chunks(corpus, sequence_length - 2):
-        for chunk in doc:
-            if len(row) + len(chunk) + 1 > sequence_length:
-                rows.append(row)
-                row = [du.CLS_ID]
-            row.extend(chunk.tolist())
-            row.append(du.SEP_ID)
-    if len(row) > 1:
-        rows.append(row)
-    packed = np.full((len(rows), sequence_length), du.PAD_ID, np.int32)
-    for i, ids in enumerate(rows):
-        packed[i, :len(ids)] = ids
-    return packed
+    # Filled in place (a buffer that doubles when full): Python lists of ids would cost ~30x
+    # the memory of the int32 rows on a large corpus.
+    packed = np.full((max(16, corpus.num_documents // 2), sequence_length), du.PAD_ID, np.int32)
+    row, used = 0, 1
+    packed[0, 0] = du.CLS_ID
+    for d in range(corpus.num_documents):
+        for chunk in _chunks_of(corpus.document_sentences(d), sequence_length - 2):
+            if used + len(chunk) + 1 > sequence_length:
+                row, used = row + 1, 1
+                if row == len(packed):
+                    packed = np.concatenate([packed, np.full_like(packed, du.PAD_ID)])
+                packed[row, 0] = du.CLS_ID
+            packed[row, used:used + len(chunk)] = chunk
+            packed[row, used + len(chunk)] = du.SEP_ID
+            used += len(chunk) + 1
+    return packed[:row + (used > 1)].copy()
 
 
 def make_nsp_pairs(corpus: Corpus, sequence_length: int, seed: int

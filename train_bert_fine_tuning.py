@@ -14,7 +14,6 @@ config.json, vocab.txt, labels.txt, data_config.json, history.json/.png, test_re
 """
 import os
 
-import keras
 from absl import app, flags
 
 import classifier_task as ct
@@ -33,10 +32,8 @@ flags.DEFINE_boolean("freeze_backbone", False, "Train only the classifier head o
 
 def main(_):
     # --------------------------------------------------------------------- setup
-    timer = tu.Timer()
-    keras.utils.set_random_seed(FLAGS.seed)
-    strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
-    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ["history.json", "best.json"])
+    timer, strategy = tu.start_run()
+    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ct.RUN_RESULTS)
     epochs = tu.epochs_to_run(test_mode_default=2)
     pretrained = FLAGS.pretrained_dir
     if not os.path.exists(os.path.join(pretrained, "backbone.weights.h5")):
@@ -49,6 +46,8 @@ def main(_):
     if FLAGS.tokenize_style not in (None, style):
         tu.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
                 f"'{style}' ({pretrained}/data_config.json); drop the flag")
+    model.ModelConfig.from_json(os.path.join(pretrained, "config.json")).check_sequence_length(
+        FLAGS.sequence_length)
     vocab = du.Vocabulary.load(os.path.join(pretrained, "vocab.txt"))
     data = ct.load_data(run_dir, vocab, style)
 

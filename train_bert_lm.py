@@ -28,8 +28,9 @@ FLAGS = flags.FLAGS
 tu.define_common_flags(1e-4, 0.01, "Use only the first few thousand corpus lines, the tiny "
                        "preset and one epoch, so the whole job finishes in about a minute.")
 tu.define_model_flags()
-flags.DEFINE_string("mask_lm_source_file", None, "Raw text for pretraining, one document a line. "
-                    "Default: the sample corpus, <data_path>/pretrain_corpus.txt.")
+flags.DEFINE_string("mask_lm_source_file", None, "Unlabelled text for pretraining, one document a "
+                    "line, its words separated by spaces (or give --tokenize_style=word/char for "
+                    "raw text). Default: the sample corpus, <data_path>/pretrain_corpus.txt.")
 flags.DEFINE_string("ckpt_dir", "runs/lm", "Run directory: weights, config, vocabulary, logs. "
                     "Fine-tuning reads it through its --pretrained_dir flag.")
 flags.DEFINE_integer("sequence_length_lm", 64, "Tokens per pretraining example, [CLS] and [SEP] "
@@ -43,12 +44,9 @@ flags.DEFINE_float("valid_fraction", 0.05, "Fraction of corpus documents held ou
 
 def main(_):
     # --------------------------------------------------------------------- setup
-    timer = tu.Timer()
-    keras.utils.set_random_seed(FLAGS.seed)
-    strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
-    print(f"distribution: {FLAGS.distribution_strategy}, "
-          f"num_replicas_in_sync={strategy.num_replicas_in_sync}")
-    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir, ["history.json", "best.json"])
+    timer, strategy = tu.start_run()
+    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir, ["history.json", "best.json",
+                                                   "backbone.weights.h5", "history.png"])
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
     epochs = tu.epochs_to_run(test_mode_default=1)
 
@@ -60,7 +58,8 @@ def main(_):
         corpus_file = tu.head_file(corpus_file, 3000, os.path.join(run_dir, "test_corpus.txt"),
                                    FLAGS.encoding)
     style = FLAGS.tokenize_style or "space"
-    vocab = load_or_build_vocab(corpus_file, run_dir, style)
+    du.warn_if_unsegmented(corpus_file, style, encoding=FLAGS.encoding)
+    vocab = load_or_build_vocab(corpus_file, run_dir, style, cache_dir)
     cache = pt.load_or_build_corpus_cache(corpus_file, vocab, style, cache_dir,
                                           FLAGS.encoding, FLAGS.process_num)
     train_corpus, valid_corpus = pt.split_documents(pt.read_corpus(cache, vocab),
@@ -73,7 +72,9 @@ def main(_):
     config = tu.config_from_flags(len(vocab), preset)
     config.check_sequence_length(FLAGS.sequence_length_lm)
     # Transformers are known to need a warm-up; 10% of an epoch unless the flag says otherwise.
-    warmup = FLAGS.warmup_steps or (steps // 10 if FLAGS.backbone == "transformer" else 0)
+    warmup = FLAGS.warmup_steps
+    if warmup is None:
+        warmup = steps // 10 if FLAGS.backbone == "transformer" else 0
     with strategy.scope():
         backbone = model.build_backbone(config)
         pretrainer = model.build_pretraining_model(backbone, use_nsp=FLAGS.use_nsp)
@@ -106,8 +107,10 @@ def main(_):
                     ckpt_dir=run_dir)
 
 
-def load_or_build_vocab(corpus_file: str, run_dir: str, style: str) -> du.Vocabulary:
-    """Reuse the run's vocabulary when it was built from the same corpus and settings."""
+def load_or_build_vocab(corpus_file: str, run_dir: str, style: str,
+                        cache_dir: str) -> du.Vocabulary:
+    """The run's vocabulary; an interrupted run may resume only with the corpus and settings it
+    started with."""
     wanted = {"corpus_fingerprint": du.file_fingerprint(corpus_file),
               "vocab_size": FLAGS.vocab_size,
               "tokenize_style": style, "sequence_length_lm": FLAGS.sequence_length_lm}
@@ -118,8 +121,8 @@ def load_or_build_vocab(corpus_file: str, run_dir: str, style: str) -> du.Vocabu
     if os.path.exists(os.path.join(run_dir, "backup")):
         tu.fail(f"{run_dir} holds an interrupted run made with other data or settings; resume it "
                 "with its original flags, or choose a new --ckpt_dir")
-    vocab = du.build_vocabulary([corpus_file], style, FLAGS.vocab_size,
-                                encoding=FLAGS.encoding, process_num=FLAGS.process_num)
+    vocab = du.load_or_build_vocabulary([corpus_file], style, FLAGS.vocab_size, cache_dir,
+                                        encoding=FLAGS.encoding, process_num=FLAGS.process_num)
     vocab.save(vocab_file)
     tu.write_json(info_file, wanted)
     return vocab

@@ -9,7 +9,6 @@ The original's toy task (can the model learn at all? random 0/1 sequences, label
 
 Writes the same run directory as train_bert_fine_tuning.py (predict.py reads either).
 """
-import keras
 import numpy as np
 from absl import app, flags
 
@@ -26,16 +25,17 @@ flags.DEFINE_boolean("toy_task", False, "Train on the original's toy task instea
 
 def main(_):
     # --------------------------------------------------------------------- setup
-    timer = tu.Timer()
-    keras.utils.set_random_seed(FLAGS.seed)
-    strategy = tu.get_distribution_strategy(FLAGS.distribution_strategy)
+    timer, strategy = tu.start_run()
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
     if FLAGS.toy_task:
         return run_toy_task(strategy, preset, timer)
-    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ["history.json", "best.json"])
+    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ct.RUN_RESULTS)
     epochs = tu.epochs_to_run(test_mode_default=2)
 
     # ---------------------------------------------------------------------- data
+    if FLAGS.sequence_length > FLAGS.max_position:
+        tu.fail(f"--sequence_length={FLAGS.sequence_length} exceeds --max_position="
+                f"{FLAGS.max_position}; lower the first or raise the second")
     data = ct.load_data(run_dir, None, FLAGS.tokenize_style or "space")
 
     # --------------------------------------------------------------------- model

@@ -31,7 +31,9 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                       "for one token per character. Default: space; fine-tuning takes the "
                       "pretraining run's and refuses a different one.")
     flags.DEFINE_float("learning_rate", learning_rate, "Peak Adam learning rate.")
-    flags.DEFINE_integer("warmup_steps", 0, "Steps of linear learning-rate warm-up from 0.")
+    flags.DEFINE_integer("warmup_steps", None, "Steps of linear learning-rate warm-up from 0; 0 "
+                         "turns it off. Default: a tenth of an epoch when pretraining a "
+                         "Transformer (post-LN blocks diverge without it), else 0.")
     flags.DEFINE_integer("decay_steps", 1000, "Exponential decay: lr * decay_rate^(step / "
                          "decay_steps), as the original.")
     flags.DEFINE_float("decay_rate", 0.95, "Exponential learning-rate decay factor.")
@@ -39,8 +41,10 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                        "for the original's L2 term; 0 turns it off.")
     flags.DEFINE_float("dropout_keep_prob", 0.9, "1 - dropout rate, as in the original.")
     flags.DEFINE_integer("batch_size", 64, "Examples per step, over all replicas.")
-    flags.DEFINE_integer("num_epochs", 10, "Passes over the training data.")
-    flags.DEFINE_integer("process_num", None, "Tokenizing processes. Default: the number of cores.")
+    flags.DEFINE_integer("num_epochs", 10, "Passes over the training data.", lower_bound=1)
+    flags.DEFINE_integer("process_num", None, "Tokenizing processes. Default: the number of cores "
+                         "for --tokenize_style=word, 1 for char and space (splitting is cheaper "
+                         "than shipping lines to workers).")
     flags.DEFINE_string("encoding", "utf-8", "Text encoding of the input files, e.g. gb18030 for "
                         "GBK files.")
     flags.DEFINE_enum("distribution_strategy", "one_device", list(STRATEGIES),
@@ -85,6 +89,17 @@ def config_from_flags(vocab_size: int, preset: str):
 
 
 # ----------------------------------------------------------------------------- distribution
+def start_run() -> tuple["Timer", tf.distribute.Strategy]:
+    """What every training script does first: start the clock, seed everything, pick the
+    --distribution_strategy and say how many replicas it trains on."""
+    timer = Timer()
+    keras.utils.set_random_seed(FLAGS.seed)
+    strategy = get_distribution_strategy(FLAGS.distribution_strategy)
+    print(f"distribution: {FLAGS.distribution_strategy}, "
+          f"num_replicas_in_sync={strategy.num_replicas_in_sync}")
+    return timer, strategy
+
+
 def get_distribution_strategy(name: str) -> tf.distribute.Strategy:
     """Map the --distribution_strategy flag to a tf.distribute strategy (one_device = no-op)."""
     if name == "one_device":
@@ -250,14 +265,16 @@ def read_json(path: str, default=None):
 
 
 def head_file(source: str, num_lines: int, target: str, encoding: str = "utf-8") -> str:
-    """Copy the first `num_lines` lines of `source` to `target` (test_mode's small slice)."""
+    """Copy the first `num_lines` lines of `source` to `target` (test_mode's small slice), in the
+    source's own encoding so that the later reads with the same --encoding see the same text."""
+    import data_util_hdf5 as du
+
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    with open(source, encoding=encoding, newline="") as src, \
-            open(target + ".tmp", "w", encoding="utf-8", newline="") as dst:
-        for i, line in enumerate(src):
-            if i >= num_lines:
+    with open(target + ".tmp", "w", encoding=encoding, newline="\n") as dst:
+        for line_no, line in du.read_lines(source, encoding):
+            if line_no > num_lines:
                 break
-            dst.write(line)
+            dst.write(line + "\n")
     os.replace(target + ".tmp", target)
     return target
 
@@ -303,7 +320,7 @@ def guard(main: Callable) -> Callable:
     import data_util_hdf5 as du
     import model
 
-    user_errors = (du.DataError, model.ConfigError, model.BackboneMismatchError)
+    user_errors = (du.DataError, model.ConfigError, model.BackboneMismatchError, UsageError)
 
     def guarded(argv):
         try:
@@ -311,6 +328,10 @@ def guard(main: Callable) -> Callable:
         except user_errors as error:
             fail(str(error))
     return guarded
+
+
+class UsageError(Exception):
+    """A flag combination that cannot work; `guard` turns it into one line."""
 
 
 def fail(message: str) -> None:

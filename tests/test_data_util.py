@@ -197,8 +197,8 @@ def test_classification_cache_contents(task, capsys):
 def test_cache_is_reused_and_each_cause_invalidates_it(task, capsys):
     files, vocab, labels, cache_dir = task
 
-    def build(files=files, vocab=vocab, labels=labels, length=8):
-        return du.load_or_build_classification_cache(files, vocab, labels, length, "space",
+    def build(files=files, vocab=vocab, labels=labels, length=8, style="space"):
+        return du.load_or_build_classification_cache(files, vocab, labels, length, style,
                                                      cache_dir, process_num=1)
 
     first = build()
@@ -208,8 +208,8 @@ def test_cache_is_reused_and_each_cause_invalidates_it(task, capsys):
                                        open(files["valid"], encoding="utf-8").read()[:-2] + "x\n")}
     bigger = du.Vocabulary(vocab.tokens + ["新词"])
     others = [build(files=changed), build(length=9), build(vocab=bigger),
-              build(labels=labels[::-1])]
-    assert len({first, *others}) == 5
+              build(labels=labels[::-1]), build(style="char")]
+    assert len({first, *others}) == 6
     assert du.open_valid_cache(first, du.classification_fingerprint(files, vocab, labels, 8,
                                                                     "space"))
 
@@ -292,3 +292,27 @@ def test_encode_example_truncates_and_pads():
                                                          du.PAD_ID]
     with pytest.raises(du.DataError, match="--sequence_length=1"):
         du.check_sequence_length(1)
+
+
+def test_vocabulary_cache_is_reused_until_an_input_changes(tmp_path, capsys):
+    corpus = write(tmp_path / "corpus.txt", "我 爱 北京\n北京 很 大\n")
+    cache_dir = str(tmp_path / "cache")
+    first = du.load_or_build_vocabulary([corpus], "space", 50, cache_dir, process_num=1)
+    assert "vocabulary:" in capsys.readouterr().out
+    again = du.load_or_build_vocabulary([corpus], "space", 50, cache_dir, process_num=1)
+    assert again.tokens == first.tokens and "vocabulary:" not in capsys.readouterr().out
+    du.load_or_build_vocabulary([corpus], "char", 50, cache_dir, process_num=1)
+    du.load_or_build_vocabulary([corpus], "space", 7, cache_dir, process_num=1)
+    write(tmp_path / "corpus.txt", "我 爱 上海\n")
+    changed = du.load_or_build_vocabulary([corpus], "space", 50, cache_dir, process_num=1)
+    assert "上海" in changed.tokens and "上海" not in first.tokens
+    assert len(os.listdir(cache_dir)) == 4
+
+
+def test_raw_text_with_space_style_gets_a_warning(tmp_path, capsys):
+    raw = write(tmp_path / "raw.txt", "今天天气很好我们去公园散步吧\n这家店的菜非常好吃下次还来\n")
+    segmented = write(tmp_path / "seg.txt", "今天 天气 很 好 __label__a\n菜 好吃 __label__b\n")
+    assert du.warn_if_unsegmented(raw, "space")
+    assert f"{raw}: 2 of the first 2 lines hold no spaces" in capsys.readouterr().err
+    assert not du.warn_if_unsegmented(raw, "word")
+    assert not du.warn_if_unsegmented(segmented, "space", labelled=True)

@@ -102,6 +102,11 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path):
     missing = run("predict.py", f"--ckpt_dir={tmp_path}", stdin="x\n", check=False)
     assert missing.returncode != 0 and "config.json is missing" in missing.stderr
     assert "Traceback" not in missing.stderr
+    gbk_stdin = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"),
+                                f"--ckpt_dir={run_dir}"], input="北京\n".encode("gb18030"),
+                               capture_output=True, cwd=ROOT, timeout=600)
+    assert gbk_stdin.returncode == 2 and b"Traceback" not in gbk_stdin.stderr
+    assert "<stdin>:1: cannot decode as utf-8" in gbk_stdin.stderr.decode()
     export_dir = str(tmp_path / "export")
     run("predict.py", f"--ckpt_dir={run_dir}", f"--export_dir={export_dir}")
     import tensorflow as tf
@@ -144,6 +149,12 @@ def test_bad_flags_and_files_end_in_one_line(tmp_path):
     assert missing.returncode != 0
     assert "run train_bert_lm.py first" in missing.stderr
     assert "Traceback" not in missing.stderr
+    train = tmp_path / "train.txt"
+    train.write_text("北京 __label__a\n上海 __label__b\n", encoding="utf-8")
+    no_valid = run("train_transform.py", f"--training_data_file={train}",
+                   f"--ckpt_dir_save={tmp_path / 'run'}", check=False)
+    assert no_valid.returncode == 2 and "Traceback" not in no_valid.stderr
+    assert no_valid.stderr.strip().splitlines()[-1].startswith("error: --valid_data_file is needed")
 
 
 def test_pretraining_runs_under_mirrored_strategy_on_two_cpu_devices(tmp_path):

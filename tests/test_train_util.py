@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import data_util_hdf5 as du
 import train_util as tu
 
 
@@ -47,3 +48,12 @@ def test_head_file_copies_the_first_lines(tmp_path):
     source.write_text("1\n2\n3\n", encoding="utf-8")
     target = tu.head_file(str(source), 2, str(tmp_path / "sub" / "b.txt"))
     assert open(target, encoding="utf-8").read() == "1\n2\n"
+
+
+def test_head_file_keeps_the_encoding_and_names_a_bad_line(tmp_path):
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("北京 __label__a\n上海 __label__b\n广州 __label__c\n".encode("gb18030"))
+    target = tu.head_file(str(gbk), 2, str(tmp_path / "head.txt"), "gb18030")
+    assert [t for _, t in du.read_lines(target, "gb18030")] == ["北京 __label__a", "上海 __label__b"]
+    with pytest.raises(du.DataError, match=r"gbk.txt:1: cannot decode as utf-8.*--encoding gb18030"):
+        tu.head_file(str(gbk), 2, str(tmp_path / "head2.txt"))
