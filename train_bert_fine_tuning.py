@@ -46,6 +46,7 @@ def main(_):
     if FLAGS.tokenize_style not in (None, style):
         tu.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
                 f"'{style}' ({pretrained}/data_config.json); drop the flag")
+    # checked before tokenizing, so that a bad length does not wait for the data
     model.ModelConfig.from_json(os.path.join(pretrained, "config.json")).check_sequence_length(
         FLAGS.sequence_length)
     vocab = du.Vocabulary.load(os.path.join(pretrained, "vocab.txt"))
@@ -55,7 +56,6 @@ def main(_):
     with strategy.scope():
         backbone, config = model.load_backbone(pretrained, expected_vocab_size=len(vocab),
                                                dropout=1.0 - FLAGS.dropout_keep_prob)
-        config.check_sequence_length(FLAGS.sequence_length)
         classifier = ct.build_and_compile(backbone, len(data.labels), FLAGS.freeze_backbone)
     ct.save_run_files(run_dir, data, config)
     start = ct.evaluate(classifier, data, "valid")

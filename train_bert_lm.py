@@ -116,9 +116,7 @@ def load_or_build_vocab(corpus_file: str, run_dir: str, style: str,
               "tokenize_style": style, "sequence_length_lm": FLAGS.sequence_length_lm}
     info_file, vocab_file = os.path.join(run_dir, "data_config.json"), os.path.join(run_dir,
                                                                                      "vocab.txt")
-    if tu.read_json(info_file) == wanted and os.path.exists(vocab_file):
-        return du.Vocabulary.load(vocab_file)
-    if os.path.exists(os.path.join(run_dir, "backup")):
+    if os.path.exists(os.path.join(run_dir, "backup")) and tu.read_json(info_file) != wanted:
         tu.fail(f"{run_dir} holds an interrupted run made with other data or settings; resume it "
                 "with its original flags, or choose a new --ckpt_dir")
     vocab = du.load_or_build_vocabulary([corpus_file], style, FLAGS.vocab_size, cache_dir,

@@ -33,14 +33,12 @@ def main(_):
     epochs = tu.epochs_to_run(test_mode_default=2)
 
     # ---------------------------------------------------------------------- data
-    if FLAGS.sequence_length > FLAGS.max_position:
-        tu.fail(f"--sequence_length={FLAGS.sequence_length} exceeds --max_position="
-                f"{FLAGS.max_position}; lower the first or raise the second")
+    # checked before tokenizing, so that a bad length does not wait for the data
+    model.check_sequence_length(FLAGS.sequence_length, FLAGS.max_position)
     data = ct.load_data(run_dir, None, FLAGS.tokenize_style or "space")
 
     # --------------------------------------------------------------------- model
     config = tu.config_from_flags(len(data.vocab), preset)
-    config.check_sequence_length(FLAGS.sequence_length)
     with strategy.scope():
         classifier = ct.build_and_compile(model.build_backbone(config), len(data.labels))
     ct.save_run_files(run_dir, data, config)

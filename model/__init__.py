@@ -1,6 +1,6 @@
 """Swappable backbones (Transformer, TextCNN), heads and task models. See DESIGN.md's contract."""
 from .backbone import INPUT_NAMES, backbone_inputs, build_backbone, get_token_embedding
-from .config import PRESETS, ConfigError, ModelConfig, config_from_preset
+from .config import PRESETS, ConfigError, ModelConfig, check_sequence_length, config_from_preset
 from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead, one_hot_gather
 from .io import BackboneMismatchError, load_backbone, save_backbone
 from .layers import Embeddings, Pooler, TextCNNEncoder, TransformerBlock

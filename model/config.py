@@ -49,10 +49,7 @@ class ModelConfig:
             raise ConfigError(f"filter_sizes must be positive widths, got {self.filter_sizes}")
 
     def check_sequence_length(self, sequence_length: int) -> None:
-        if sequence_length > self.max_position:
-            raise ConfigError(f"sequence length {sequence_length} exceeds max_position "
-                              f"{self.max_position}; lower --sequence_length or pretrain with a "
-                              "larger --max_position")
+        check_sequence_length(sequence_length, self.max_position)
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -90,6 +87,14 @@ PRESETS = {
     "small": {"d_model": 128, "d_k": 16, "d_v": 16},
     "big": {"d_model": 512, "d_k": 64, "d_v": 64},
 }
+
+
+def check_sequence_length(sequence_length: int, max_position: int) -> None:
+    """ConfigError unless a backbone with `max_position` positions can take `sequence_length`."""
+    if sequence_length > max_position:
+        raise ConfigError(f"sequence length {sequence_length} exceeds max_position "
+                          f"{max_position}; lower --sequence_length or pretrain with a "
+                          "larger --max_position")
 
 
 def config_from_preset(name: str, **overrides) -> ModelConfig:
