@@ -22,9 +22,15 @@ TEST_MODE_LINES = {"train": 2000, "valid": 400, "test": 400}
 def define_flags(default_learning_rate: float, default_ckpt_dir: str) -> None:
     """Flags common to train_bert_fine_tuning.py and train_transform.py."""
     tu.define_common_flags(default_learning_rate, 0.0, "Use a small slice of each file, the "
-                           "tiny preset (from scratch) and two epochs, to try an idea quickly.")
+                           "tiny preset (from scratch) and two epochs, to try an idea quickly.",
+                           num_epochs=None, num_epochs_help="Passes over the training data, at "
+                           "most. Default: enough for 1,000 steps, within 10 to 100 epochs (a "
+                           "small labelled set needs many passes); early stopping ends most "
+                           "runs sooner.")
     flags.DEFINE_string("task", "entities", "Sample task used when the data files are not given: "
-                        "'entities' (multi-label, People's Daily) or 'sentiment' (reviews).")
+                        "'entities' (multi-label, People's Daily paragraphs, 7 labels), "
+                        "'mentions' (5-paragraph documents, 241 place/org labels with a long "
+                        "tail) or 'sentiment' (reviews).")
     flags.DEFINE_string("training_data_file", None, "Labelled training file, one example a line: "
                         "'token1 token2 __label__a __label__b'. Default: the sample --task's.")
     flags.DEFINE_string("valid_data_file", None, "Labelled validation file (picks the best epoch).")
@@ -33,6 +39,14 @@ def define_flags(default_learning_rate: float, default_ckpt_dir: str) -> None:
                         "weights, config, vocabulary, labels, reports, logs. predict.py reads it.")
     flags.DEFINE_integer("sequence_length", 200, "Tokens per example including [CLS]; longer text "
                          "is cut, shorter padded. Must not exceed the backbone's max_position.")
+    flags.DEFINE_integer("early_stopping_patience", 3, "Stop when validation F1 has not improved "
+                         "for this many epochs (the best epoch's weights are kept, as always); "
+                         "0 runs every --num_epochs.", lower_bound=0)
+    flags.DEFINE_enum("decision_rule", "tuned", ["tuned", "half"], "How probabilities become "
+                      "labels. 'tuned': per-label thresholds chosen on the validation split "
+                      "(saved as thresholds.json, used by the test report and predict.py; rare "
+                      "labels, which macro-F1 weighs like frequent ones, rarely reach 0.5). "
+                      "'half': the original's rule, every label with p >= 0.5, else the top one.")
 
 
 @dataclass
@@ -49,6 +63,13 @@ class ClassificationData:
             data = data.shuffle(len(ids), seed=seed, reshuffle_each_iteration=True)
         return data.batch(FLAGS.batch_size).prefetch(tf.data.AUTOTUNE)
 
+    def label_frequencies(self) -> np.ndarray:
+        """Share of training examples carrying each label, float [num_labels]."""
+        return self.splits["train"][1].mean(axis=0)
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.splits["train"][0]) // FLAGS.batch_size)
+
 
 def features(input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Backbone inputs for single-segment examples."""
@@ -63,7 +84,8 @@ def data_files(run_dir: str) -> dict[str, str]:
     if not given["train"]:
         sample = ensure_sample_data(FLAGS.data_path)
         if FLAGS.task not in sample or FLAGS.task == "pretrain":
-            tu.fail(f"--task={FLAGS.task!r} is not a sample task; use entities or sentiment")
+            tu.fail(f"--task={FLAGS.task!r} is not a sample task; use entities, mentions or "
+                    "sentiment")
         given = {split: given[split] or path for split, path in sample[FLAGS.task].items()}
     files = {split: path for split, path in given.items() if path}
     if "valid" not in files:
@@ -102,11 +124,11 @@ def load_data(run_dir: str, vocab: du.Vocabulary | None, tokenize_style: str) ->
 
 # What a finished earlier run in the same directory leaves and a new run must not mix with.
 RUN_RESULTS = ["history.json", "best.json", "classifier.weights.h5", "test_report.json",
-               "valid_report.json", "history.png"]
+               "valid_report.json", "history.png", "thresholds.json"]
 
 
 def save_run_files(run_dir: str, data: ClassificationData, config: model.ModelConfig) -> None:
-    """Everything predict.py needs besides the weights."""
+    """Everything predict.py needs besides the weights and thresholds."""
     data.vocab.save(os.path.join(run_dir, "vocab.txt"))
     du.save_label_list(data.labels, os.path.join(run_dir, "labels.txt"))
     config.to_json(os.path.join(run_dir, "config.json"))
@@ -115,28 +137,50 @@ def save_run_files(run_dir: str, data: ClassificationData, config: model.ModelCo
                    "dropout": 1.0 - FLAGS.dropout_keep_prob, "num_labels": len(data.labels)})
 
 
-def build_and_compile(backbone: keras.Model, num_labels: int,
+def build_and_compile(backbone: keras.Model, num_labels: int, total_steps: int,
+                      label_frequencies: np.ndarray | None = None,
+                      backbone_lr_scale: float | None = None,
                       freeze_backbone: bool = False) -> keras.Model:
-    """Classifier = backbone + multi-label head, compiled with the flags' optimiser."""
+    """Classifier = backbone + multi-label head, compiled with the flags' optimiser.
+
+    The head's biases start at the label priors (when given); `backbone_lr_scale` makes the
+    backbone learn at that fraction of --learning_rate (discriminative rates for a pretrained
+    backbone, whose features a full-size step would wreck while the new head is still random).
+    The schedule warms up over a tenth of `total_steps` and decays to 0 at the last one.
+    """
     backbone.trainable = not freeze_backbone
     classifier = model.build_classifier(backbone, num_labels, 1.0 - FLAGS.dropout_keep_prob)
-    optimizer = tu.make_optimizer(FLAGS.learning_rate, FLAGS.decay_steps, FLAGS.decay_rate,
-                                  FLAGS.warmup_steps or 0, FLAGS.weight_decay)
+    if label_frequencies is not None:
+        model.set_label_priors(classifier, label_frequencies)
+    warmup = FLAGS.warmup_steps if FLAGS.warmup_steps is not None else total_steps // 10
+    optimizer = tu.make_optimizer(FLAGS.learning_rate, total_steps, warmup, FLAGS.decay_steps,
+                                  FLAGS.decay_rate, FLAGS.weight_decay)
+    if backbone_lr_scale is not None and not freeze_backbone:
+        optimizer.scale_learning_rate(backbone.trainable_variables, backbone_lr_scale)
     model.compile_classifier(classifier, optimizer, FLAGS.jit_compile)
     return classifier
 
 
-def evaluate(classifier: keras.Model, data: ClassificationData, split: str) -> dict[str, float]:
+def probabilities(classifier: keras.Model, data: ClassificationData, split: str) -> np.ndarray:
+    ids = data.splits[split][0]
+    return tu.sigmoid(classifier.predict(features(ids), batch_size=FLAGS.batch_size, verbose=0))
+
+
+def evaluate(classifier: keras.Model, data: ClassificationData, split: str,
+             thresholds: np.ndarray | None = None) -> dict[str, float]:
     """Loss and F1 scores on one split, with the current weights."""
-    ids, gold = data.splits[split]
     loss = classifier.evaluate(data.dataset(split), verbose=0)
-    logits = classifier.predict(features(ids), batch_size=FLAGS.batch_size, verbose=0)
     loss = loss[0] if isinstance(loss, list) else loss
-    return {"loss": float(loss), **tu.f1_scores(gold, tu.sigmoid(logits))}
+    return {"loss": float(loss),
+            **tu.f1_scores(data.splits[split][1], probabilities(classifier, data, split),
+                           thresholds)}
 
 
-def train(classifier: keras.Model, data: ClassificationData, run_dir: str, epochs: int) -> list:
-    """Fit with F1 on valid each epoch; keep the best weights; resume after a crash."""
+def train(classifier: keras.Model, data: ClassificationData, run_dir: str, epochs: int,
+          frozen_epochs: int = 0) -> list:
+    """Fit with F1 on valid each epoch; keep the best weights; stop early; resume after a crash.
+    `frozen_epochs`: epochs at the start in which the backbone does not move (gradual
+    unfreezing; needs a classifier built with a backbone_lr_scale)."""
     weights_file = os.path.join(run_dir, "classifier.weights.h5")
     valid_ids, valid_gold = data.splits["valid"]
 
@@ -146,12 +190,18 @@ def train(classifier: keras.Model, data: ClassificationData, run_dir: str, epoch
         os.replace(tmp, weights_file)
 
     callbacks = [
-        tu.F1Evaluation(features(valid_ids), valid_gold, FLAGS.batch_size),
+        tu.F1Evaluation(features(valid_ids), valid_gold, FLAGS.batch_size,
+                        tune=FLAGS.decision_rule == "tuned"),
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
         tu.SaveBest("val_f1", "max", save_weights, os.path.join(run_dir, "best.json")),
         tu.HistoryFile(os.path.join(run_dir, "history.json")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
     ]
+    if frozen_epochs:
+        callbacks.append(tu.SetBackboneScale(classifier.optimizer, frozen_epochs))
+    if FLAGS.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping("val_f1", mode="max", verbose=1,
+                                                       patience=FLAGS.early_stopping_patience))
     classifier.fit(data.dataset("train", shuffle=True, seed=FLAGS.seed),
                    validation_data=data.dataset("valid"), epochs=epochs, callbacks=callbacks,
                    shuffle=False,
@@ -160,18 +210,33 @@ def train(classifier: keras.Model, data: ClassificationData, run_dir: str, epoch
     return tu.read_json(os.path.join(run_dir, "history.json"), [])
 
 
+def choose_thresholds(classifier: keras.Model, data: ClassificationData,
+                      run_dir: str) -> np.ndarray | None:
+    """--decision_rule=tuned: per-label thresholds from the validation split, saved for
+    predict.py in thresholds.json; 'half': None (p >= 0.5)."""
+    if FLAGS.decision_rule == "half":
+        return None
+    thresholds = tu.tune_thresholds(data.splits["valid"][1],
+                                    probabilities(classifier, data, "valid"))
+    tu.write_json(os.path.join(run_dir, "thresholds.json"),
+                  {"rule": "tuned on the validation split",
+                   "thresholds": {name: float(t) for name, t in zip(data.labels, thresholds)}})
+    return thresholds
+
+
 def report(classifier: keras.Model, data: ClassificationData, run_dir: str, history: list,
            title: str) -> dict[str, float]:
     """Test-set scores + per-label file, the history plot; returns the test scores."""
     tu.plot_history(history, ["val_f1", "val_micro_f1", "val_macro_f1"],
                     os.path.join(run_dir, "history.png"), title)
+    thresholds = choose_thresholds(classifier, data, run_dir)
     split = "test" if "test" in data.splits else "valid"
-    scores = evaluate(classifier, data, split)
-    ids, gold = data.splits[split]
-    logits = classifier.predict(features(ids), batch_size=FLAGS.batch_size, verbose=0)
+    scores = evaluate(classifier, data, split, thresholds)
+    gold = data.splits[split][1]
     tu.write_json(os.path.join(run_dir, f"{split}_report.json"),
-                  {"split": split, **scores,
-                   "per_label": tu.per_label_report(gold, tu.sigmoid(logits), data.labels)})
+                  {"split": split, "decision_rule": FLAGS.decision_rule, **scores,
+                   "per_label": tu.per_label_report(gold, probabilities(classifier, data, split),
+                                                    data.labels, thresholds)})
     best = max(history, key=lambda h: h.get("val_f1", -1.0)) if history else {}
     return {f"{split}_micro_f1": scores["micro_f1"], f"{split}_macro_f1": scores["macro_f1"],
             f"{split}_f1": scores["f1"], "best_valid_f1": best.get("val_f1", float("nan")),

@@ -7,8 +7,10 @@
 Input: one document a line, tokenized as the run was trained (see its data_config.json); any
 `__label__` part is ignored, so a labelled file can be predicted as it is. Output: one JSON object
 a line: {"line": n, "labels": [...], "probabilities": {label: p, ...}} with every label whose
-probability is at least --min_prob. Prediction uses the original's rule: every label with p >= 0.5,
-or the single most likely label when none reaches 0.5.
+probability is at least --min_prob. Labels are chosen by the run's decision rule: its per-label
+thresholds (thresholds.json, tuned on validation) when it has them, else the original's rule (every
+label with p >= 0.5); when no label passes, the one nearest its threshold. --decision_rule=half
+forces the original's rule.
 """
 import itertools
 import json
@@ -28,6 +30,8 @@ flags.DEFINE_string("ckpt_dir", "runs/ft", "Run directory written by train_bert_
 flags.DEFINE_string("input_file", None, "Text to label, one document a line. Default: stdin.")
 flags.DEFINE_string("encoding", "utf-8", "Text encoding of --input_file, e.g. gb18030.")
 flags.DEFINE_float("min_prob", 0.05, "Report every label with at least this probability.")
+flags.DEFINE_enum("decision_rule", "run", ["run", "half"], "'run': the run directory's tuned "
+                  "thresholds (thresholds.json) if it has them, else p >= 0.5; 'half': p >= 0.5.")
 flags.DEFINE_integer("batch_size", 256, "Documents scored per batch.")
 flags.DEFINE_boolean("test_mode", False, "Label only the first 100 documents, to try a run "
                      "directory quickly.")
@@ -48,6 +52,7 @@ class Predictor:
         self.labels = du.load_label_list(os.path.join(run_dir, "labels.txt"))
         info = tu.read_json(os.path.join(run_dir, "data_config.json"))
         self.tokenize_style, self.sequence_length = info["tokenize_style"], info["sequence_length"]
+        self.thresholds = self._read_thresholds(os.path.join(run_dir, "thresholds.json"))
         config = model.ModelConfig.from_json(os.path.join(run_dir, "config.json"))
         self.classifier = model.build_classifier(model.build_backbone(config), len(self.labels),
                                                  info["dropout"])
@@ -57,6 +62,20 @@ class Predictor:
             raise du.DataError(f"{run_dir}/classifier.weights.h5 does not fit its config.json "
                                f"({str(error).splitlines()[0][:120]}); the run directory mixes "
                                "files of different runs, train it again") from None
+
+    def _read_thresholds(self, path: str) -> np.ndarray | None:
+        """Per-label thresholds in labels.txt order, or None (p >= 0.5) when the run has none."""
+        saved = tu.read_json(path, {}).get("thresholds")
+        if saved is None:
+            return None
+        if sorted(saved) != sorted(self.labels):
+            raise du.DataError(f"{path} names other labels than labels.txt beside it; the run "
+                               "directory mixes files of different runs, train it again")
+        return np.array([saved[label] for label in self.labels])
+
+    def choose(self, probabilities: np.ndarray, rule: str = "run") -> np.ndarray:
+        """Multi-hot [N, labels]: the run's decision rule, or p >= 0.5 with rule='half'."""
+        return tu.predict_labels(probabilities, self.thresholds if rule == "run" else None)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         rows = [du.encode_example(du.tokenize(du.parse_label_line(t)[0], self.tokenize_style),
@@ -95,21 +114,22 @@ def read_documents(path: str | None, encoding: str):
         yield from du.read_lines(path, encoding)
 
 
-def predict_lines(predictor: Predictor, documents, batch_size: int, min_prob: float):
+def predict_lines(predictor: Predictor, documents, batch_size: int, min_prob: float,
+                  rule: str = "run"):
     """Yield one result dict per input line, in order."""
     batch = []
     for item in documents:
         batch.append(item)
         if len(batch) == batch_size:
-            yield from _score(predictor, batch, min_prob)
+            yield from _score(predictor, batch, min_prob, rule)
             batch = []
     if batch:
-        yield from _score(predictor, batch, min_prob)
+        yield from _score(predictor, batch, min_prob, rule)
 
 
-def _score(predictor: Predictor, batch: list, min_prob: float):
+def _score(predictor: Predictor, batch: list, min_prob: float, rule: str):
     probs = predictor.probabilities([text for _, text in batch])
-    chosen = tu.predict_labels(probs)
+    chosen = predictor.choose(probs, rule)
     for (line_no, _), p, c in zip(batch, probs, chosen):
         order = np.argsort(-p)
         yield {"line": line_no, "labels": [predictor.labels[i] for i in order if c[i]],
@@ -127,7 +147,8 @@ def main(_):
     documents = read_documents(FLAGS.input_file, FLAGS.encoding)
     if FLAGS.test_mode:
         documents = itertools.islice(documents, 100)
-    for result in predict_lines(predictor, documents, FLAGS.batch_size, FLAGS.min_prob):
+    for result in predict_lines(predictor, documents, FLAGS.batch_size, FLAGS.min_prob,
+                                FLAGS.decision_rule):
         print(json.dumps(result, ensure_ascii=False), flush=False)
         count += 1
     print(f"predict documents={count} ckpt_dir={FLAGS.ckpt_dir}", file=sys.stderr)

@@ -10,7 +10,13 @@ Your own data (format: 'token1 token2 __label__a __label__b', one example a line
 
 The vocabulary, tokenize style and architecture come from --pretrained_dir; the labels from the
 training file. Writes to --ckpt_dir_save: classifier.weights.h5 (best epoch by validation F1),
-config.json, vocab.txt, labels.txt, data_config.json, history.json/.png, test_report.json, logs/.
+thresholds.json, config.json, vocab.txt, labels.txt, data_config.json, history.json/.png,
+test_report.json, logs/.
+
+The default recipe needs no learning-rate search: the head starts at the label priors, learns at
+--learning_rate while the pretrained backbone learns at --backbone_lr_scale of it, the rate warms
+up over a tenth of the run and falls linearly to 0, training stops when validation F1 stalls for
+--early_stopping_patience epochs, and per-label thresholds are tuned on validation.
 """
 import os
 
@@ -22,10 +28,18 @@ import model
 import train_util as tu
 
 FLAGS = flags.FLAGS
-# Below pretraining's 1e-4, as in the original: large steps would wreck what pretraining learnt.
-ct.define_flags(default_learning_rate=5e-5, default_ckpt_dir="runs/ft")
+# The head's rate; the pretrained backbone moves at --backbone_lr_scale times it (see below).
+ct.define_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/ft")
 flags.DEFINE_string("pretrained_dir", "runs/lm", "Run directory of train_bert_lm.py (its "
                     "--ckpt_dir): config.json, vocab.txt, data_config.json, backbone.weights.h5.")
+flags.DEFINE_float("backbone_lr_scale", 0.3, "The pretrained backbone learns at this fraction of "
+                   "--learning_rate while the new head learns at the full rate: the original's "
+                   "'smaller rate so fine-tuning does not wreck pretraining', applied to the part "
+                   "that was pretrained (ULMFiT's discriminative rates). 1 = one rate for all.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("frozen_epochs", 0, "Gradual unfreezing: the backbone stays fixed for this "
+                     "many first epochs while the head finds its feet, then learns at "
+                     "--backbone_lr_scale.", lower_bound=0)
 flags.DEFINE_boolean("freeze_backbone", False, "Train only the classifier head on top of the "
                      "pretrained features (the feature-based use of a pretrained model).")
 
@@ -34,7 +48,6 @@ def main(_):
     # --------------------------------------------------------------------- setup
     timer, strategy = tu.start_run()
     run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ct.RUN_RESULTS)
-    epochs = tu.epochs_to_run(test_mode_default=2)
     pretrained = FLAGS.pretrained_dir
     if not os.path.exists(os.path.join(pretrained, "backbone.weights.h5")):
         tu.fail(f"{pretrained}: no backbone.weights.h5; run train_bert_lm.py first or point "
@@ -51,19 +64,24 @@ def main(_):
         FLAGS.sequence_length)
     vocab = du.Vocabulary.load(os.path.join(pretrained, "vocab.txt"))
     data = ct.load_data(run_dir, vocab, style)
+    epochs = tu.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
 
     # --------------------------------------------------------------------- model
     with strategy.scope():
         backbone, config = model.load_backbone(pretrained, expected_vocab_size=len(vocab),
                                                dropout=1.0 - FLAGS.dropout_keep_prob)
-        classifier = ct.build_and_compile(backbone, len(data.labels), FLAGS.freeze_backbone)
+        classifier = ct.build_and_compile(backbone, len(data.labels),
+                                          epochs * data.steps_per_epoch(),
+                                          data.label_frequencies(), FLAGS.backbone_lr_scale,
+                                          FLAGS.freeze_backbone)
     ct.save_run_files(run_dir, data, config)
     start = ct.evaluate(classifier, data, "valid")
     print(f"before fine-tuning: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f} "
           f"(micro {start['micro_f1']:.4f}, macro {start['macro_f1']:.4f})")
 
     # ----------------------------------------------------------------------- fit
-    history = ct.train(classifier, data, run_dir, epochs)
+    history = ct.train(classifier, data, run_dir, epochs,
+                       0 if FLAGS.freeze_backbone else FLAGS.frozen_epochs)
 
     # -------------------------------------------------------------------- report
     scores = ct.report(classifier, data, run_dir, history, "fine-tuning: validation F1")

@@ -78,8 +78,8 @@ def main(_):
     with strategy.scope():
         backbone = model.build_backbone(config)
         pretrainer = model.build_pretraining_model(backbone, use_nsp=FLAGS.use_nsp)
-        optimizer = tu.make_optimizer(FLAGS.learning_rate, FLAGS.decay_steps, FLAGS.decay_rate,
-                                      warmup, FLAGS.weight_decay)
+        optimizer = tu.make_optimizer(FLAGS.learning_rate, steps * epochs, warmup,
+                                      FLAGS.decay_steps, FLAGS.decay_rate, FLAGS.weight_decay)
         model.compile_pretraining_model(pretrainer, optimizer, FLAGS.use_nsp, FLAGS.jit_compile)
 
     # ----------------------------------------------------------------------- fit

@@ -30,17 +30,19 @@ def main(_):
     if FLAGS.toy_task:
         return run_toy_task(strategy, preset, timer)
     run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ct.RUN_RESULTS)
-    epochs = tu.epochs_to_run(test_mode_default=2)
 
     # ---------------------------------------------------------------------- data
     # checked before tokenizing, so that a bad length does not wait for the data
     model.check_sequence_length(FLAGS.sequence_length, FLAGS.max_position)
     data = ct.load_data(run_dir, None, FLAGS.tokenize_style or "space")
+    epochs = tu.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
 
     # --------------------------------------------------------------------- model
     config = tu.config_from_flags(len(data.vocab), preset)
     with strategy.scope():
-        classifier = ct.build_and_compile(model.build_backbone(config), len(data.labels))
+        classifier = ct.build_and_compile(model.build_backbone(config), len(data.labels),
+                                          epochs * data.steps_per_epoch(),
+                                          data.label_frequencies())
     ct.save_run_files(run_dir, data, config)
     start = ct.evaluate(classifier, data, "valid")
     print(f"before training: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f}")
@@ -60,9 +62,12 @@ def run_toy_task(strategy, preset: str, timer: tu.Timer) -> None:
                                             for i, n in enumerate((4000, 1000)))
     config = tu.config_from_flags(ct.TOY_VOCAB_SIZE, preset)
     with strategy.scope():
-        classifier = ct.build_and_compile(model.build_backbone(config), 1)
-    classifier.fit(ct.features(train_x), train_y, batch_size=FLAGS.batch_size,
-                   epochs=FLAGS.num_epochs, validation_data=(ct.features(test_x), test_y),
+        steps_per_epoch = -(-len(train_x) // FLAGS.batch_size)
+        epochs = tu.epochs_to_run(test_mode_default=10, steps_per_epoch=steps_per_epoch)
+        classifier = ct.build_and_compile(model.build_backbone(config), 1,
+                                          epochs * steps_per_epoch, train_y.mean(axis=0))
+    classifier.fit(ct.features(train_x), train_y, batch_size=FLAGS.batch_size, epochs=epochs,
+                   validation_data=(ct.features(test_x), test_y),
                    verbose=2)
     logits = classifier.predict(ct.features(test_x), batch_size=FLAGS.batch_size, verbose=0)
     accuracy = float(np.mean((logits[:, 0] > 0) == (test_y[:, 0] > 0.5)))

@@ -18,7 +18,9 @@ STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "tpu")
 FLAGS = flags.FLAGS
 
 
-def define_common_flags(learning_rate: float, weight_decay: float, test_mode_help: str) -> None:
+def define_common_flags(learning_rate: float, weight_decay: float, test_mode_help: str,
+                        num_epochs: int | None = 10,
+                        num_epochs_help: str = "Passes over the training data.") -> None:
     """Flags every training script has, with the same meaning everywhere."""
     flags.DEFINE_boolean("test_mode", False, test_mode_help)
     flags.DEFINE_string("data_path", None, "Directory of the sample data; built there on first "
@@ -32,16 +34,19 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                       "pretraining run's and refuses a different one.")
     flags.DEFINE_float("learning_rate", learning_rate, "Peak Adam learning rate.")
     flags.DEFINE_integer("warmup_steps", None, "Steps of linear learning-rate warm-up from 0; 0 "
-                         "turns it off. Default: a tenth of an epoch when pretraining a "
-                         "Transformer (post-LN blocks diverge without it), else 0.")
-    flags.DEFINE_integer("decay_steps", 1000, "Exponential decay: lr * decay_rate^(step / "
-                         "decay_steps), as the original.")
-    flags.DEFINE_float("decay_rate", 0.95, "Exponential learning-rate decay factor.")
+                         "turns it off. Default: a tenth of the run's steps for a classifier (a "
+                         "fresh head and post-LN blocks both start badly with a full step), a "
+                         "tenth of an epoch when pretraining a Transformer, else 0.")
+    flags.DEFINE_integer("decay_steps", None, "Give it for the original's exponential decay, lr * "
+                         "decay_rate^(step / decay_steps). Default: after warm-up the rate falls "
+                         "linearly to 0 at the run's last step (--num_epochs x steps an epoch), "
+                         "so the schedule fits the data size.")
+    flags.DEFINE_float("decay_rate", 0.95, "Exponential decay factor; used with --decay_steps.")
     flags.DEFINE_float("weight_decay", weight_decay, "Decoupled weight decay (AdamW) standing in "
                        "for the original's L2 term; 0 turns it off.")
     flags.DEFINE_float("dropout_keep_prob", 0.9, "1 - dropout rate, as in the original.")
     flags.DEFINE_integer("batch_size", 64, "Examples per step, over all replicas.")
-    flags.DEFINE_integer("num_epochs", 10, "Passes over the training data.", lower_bound=1)
+    flags.DEFINE_integer("num_epochs", num_epochs, num_epochs_help, lower_bound=1)
     flags.DEFINE_integer("process_num", None, "Tokenizing processes. Default: the number of cores "
                          "for --tokenize_style=word, 1 for char and space (splitting is cheaper "
                          "than shipping lines to workers).")
@@ -72,11 +77,22 @@ def define_model_flags(default_backbone: str = "textcnn") -> None:
                          "the most frequent tokens of the corpus are kept.")
 
 
-def epochs_to_run(test_mode_default: int) -> int:
-    """--num_epochs, except in test mode where a short default applies unless it is given."""
+# A classifier's default number of epochs gives it at least this many steps: a labelled set of
+# 1,000 lines is 16 steps an epoch, and ten such epochs barely move a fresh head.
+MIN_CLASSIFIER_STEPS = 1000
+CLASSIFIER_EPOCHS_RANGE = (10, 100)
+
+
+def epochs_to_run(test_mode_default: int, steps_per_epoch: int | None = None) -> int:
+    """--num_epochs; in test mode a short default unless it is given; when the flag has no
+    default (the classifiers), enough epochs for MIN_CLASSIFIER_STEPS steps, within
+    CLASSIFIER_EPOCHS_RANGE."""
     if FLAGS.test_mode and not FLAGS["num_epochs"].present:
         return test_mode_default
-    return FLAGS.num_epochs
+    if FLAGS.num_epochs:
+        return FLAGS.num_epochs
+    low, high = CLASSIFIER_EPOCHS_RANGE
+    return int(np.clip(-(-MIN_CLASSIFIER_STEPS // max(steps_per_epoch or 1, 1)), low, high))
 
 
 def config_from_flags(vocab_size: int, preset: str):
@@ -128,84 +144,169 @@ def split_cpu_for_testing(count: int) -> None:
 
 # ------------------------------------------------------------------------------- optimiser
 @keras.saving.register_keras_serializable(package="bert_lm")
-class WarmupExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `learning_rate` over `warmup_steps`, then exponential decay."""
+class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `learning_rate` over `warmup_steps`, then a decay.
 
-    def __init__(self, learning_rate: float, decay_steps: int, decay_rate: float,
-                 warmup_steps: int = 0):
+    With `decay_steps` None (the default): linear decay to 0 at `total_steps`, so the schedule
+    fits the run's real length whatever the data size. With `decay_steps` given: the original's
+    exponential decay, lr * decay_rate^(step / decay_steps).
+    """
+
+    def __init__(self, learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                 decay_steps: int | None = None, decay_rate: float = 0.95):
         self.learning_rate = learning_rate
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
         self.decay_steps = decay_steps
         self.decay_rate = decay_rate
-        self.warmup_steps = warmup_steps
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
-        decayed = self.learning_rate * keras.ops.power(
-            self.decay_rate, step / float(max(self.decay_steps, 1)))
+        if self.decay_steps:
+            decayed = self.learning_rate * keras.ops.power(
+                self.decay_rate, step / float(self.decay_steps))
+        else:
+            span = float(max(self.total_steps - self.warmup_steps, 1))
+            decayed = self.learning_rate * keras.ops.clip((self.total_steps - step) / span,
+                                                          0.0, 1.0)
         if self.warmup_steps <= 0:
             return decayed
         warm = self.learning_rate * (step + 1.0) / float(self.warmup_steps)
         return keras.ops.where(step < self.warmup_steps, warm, decayed)
 
     def get_config(self) -> dict:
-        return {"learning_rate": self.learning_rate, "decay_steps": self.decay_steps,
-                "decay_rate": self.decay_rate, "warmup_steps": self.warmup_steps}
+        return {"learning_rate": self.learning_rate, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps,
+                "decay_rate": self.decay_rate}
 
 
-def make_optimizer(learning_rate: float, decay_steps: int, decay_rate: float,
-                   warmup_steps: int = 0, weight_decay: float = 0.0,
-                   clip_norm: float = 5.0) -> keras.optimizers.Optimizer:
-    """Adam(W) with warm-up + exponential decay and global-norm clipping at 5, as the original."""
-    schedule = WarmupExponentialDecay(learning_rate, decay_steps, decay_rate, warmup_steps)
-    if weight_decay > 0:
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay,
-                                           global_clipnorm=clip_norm)
-        # LayerNorm scales and biases are not weights to shrink towards zero.
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "layer_norm"])
-        return optimizer
-    return keras.optimizers.Adam(schedule, global_clipnorm=clip_norm)
+@keras.saving.register_keras_serializable(package="bert_lm")
+class DiscriminativeAdamW(keras.optimizers.AdamW):
+    """AdamW in which some variables (a pretrained backbone) take steps `scale` times smaller.
+
+    Scaling their gradients would not do it: Adam divides the scale out again. The scale lives in
+    a variable so that a callback can hold it at 0 for the first epochs (gradual unfreezing)
+    without retracing the train step.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._scaled_keys: set = set()
+        self.scale = 1.0
+        self.current_scale = keras.Variable(1.0, trainable=False, name="variable_lr_scale")
+
+    def scale_learning_rate(self, variables: list, scale: float) -> None:
+        self._scaled_keys = {self._var_key(v) for v in variables}
+        self.scale = scale
+        self.current_scale.assign(scale)
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._var_key(variable) in self._scaled_keys:
+            learning_rate = learning_rate * keras.ops.cast(self.current_scale, "float32")
+        super().update_step(gradient, variable, learning_rate)
+
+
+def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                   decay_steps: int | None = None, decay_rate: float = 0.95,
+                   weight_decay: float = 0.0, clip_norm: float = 5.0) -> DiscriminativeAdamW:
+    """Adam(W) with warm-up + decay and global-norm clipping at 5, as the original."""
+    schedule = WarmupDecay(learning_rate, total_steps, warmup_steps, decay_steps, decay_rate)
+    optimizer = DiscriminativeAdamW(schedule, weight_decay=weight_decay, global_clipnorm=clip_norm)
+    # LayerNorm scales and biases are not weights to shrink towards zero.
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "layer_norm"])
+    return optimizer
 
 
 # ------------------------------------------------------------------------------------ F1
-def predict_labels(probabilities: np.ndarray) -> np.ndarray:
-    """The original's rule: every label with p >= 0.5, or the single most likely one if none is."""
-    predicted = (probabilities >= 0.5).astype(np.uint8)
+def predict_labels(probabilities: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Every label whose probability reaches its threshold, or the single label closest to its
+    threshold when none does. thresholds None: 0.5 for every label, the original's rule."""
+    cut = np.full(probabilities.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
+    predicted = (probabilities >= cut).astype(np.uint8)
     empty = predicted.sum(axis=1) == 0
-    predicted[empty, probabilities[empty].argmax(axis=1)] = 1
+    predicted[empty, (probabilities[empty] - cut).argmax(axis=1)] = 1
     return predicted
 
 
-def f1_scores(gold: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+def f1_scores(gold: np.ndarray, probabilities: np.ndarray,
+              thresholds: np.ndarray | None = None) -> dict[str, float]:
     """micro-F1, macro-F1 and their mean (the original's reported F1) over all train labels."""
-    predicted = predict_labels(probabilities)
+    predicted = predict_labels(probabilities, thresholds)
     labels = list(range(gold.shape[1]))
     micro = f1_score(gold, predicted, average="micro", labels=labels, zero_division=0)
     macro = f1_score(gold, predicted, average="macro", labels=labels, zero_division=0)
     return {"micro_f1": float(micro), "macro_f1": float(macro), "f1": float((micro + macro) / 2)}
 
 
-def per_label_report(gold: np.ndarray, probabilities: np.ndarray, names: list[str]) -> list[dict]:
-    predicted = predict_labels(probabilities)
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+# A label gets a threshold of its own only when validation holds this many of its examples;
+# below that a tuned value fits one or two documents, and the shared threshold serves better.
+MIN_POSITIVES_FOR_OWN_THRESHOLD = 5
+
+
+def tune_thresholds(gold: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Per-label decision thresholds that maximise F1 on held-out (validation) data.
+
+    First one threshold shared by all labels, by the average of micro- and macro-F1; then each
+    label with enough validation examples takes the threshold that maximises its own F1 (ties go
+    to the value nearest the shared one). Returns float [num_labels].
+    """
+    shared = max(THRESHOLD_GRID, key=lambda t: f1_scores(
+        gold, probabilities, np.full(gold.shape[1], t))["f1"])
+    thresholds = np.full(gold.shape[1], shared)
+    for label in np.flatnonzero(gold.sum(axis=0) >= MIN_POSITIVES_FOR_OWN_THRESHOLD):
+        truth, p = gold[:, label] > 0, probabilities[:, label]
+        chosen = p[None, :] >= THRESHOLD_GRID[:, None]
+        f1 = 2 * (chosen & truth).sum(axis=1) / (chosen.sum(axis=1) + truth.sum())
+        best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+        thresholds[label] = THRESHOLD_GRID[best[np.argmin(np.abs(THRESHOLD_GRID[best] - shared))]]
+    return thresholds
+
+
+def per_label_report(gold: np.ndarray, probabilities: np.ndarray, names: list[str],
+                     thresholds: np.ndarray | None = None) -> list[dict]:
+    predicted = predict_labels(probabilities, thresholds)
     precision, recall, f1, support = precision_recall_fscore_support(
         gold, predicted, labels=list(range(len(names))), zero_division=0)
-    return [{"label": n, "precision": float(p), "recall": float(r), "f1": float(f),
-             "support": int(s)} for n, p, r, f, s in zip(names, precision, recall, f1, support)]
+    cut = np.full(len(names), 0.5) if thresholds is None else thresholds
+    return [{"label": n, "threshold": float(t), "precision": float(p), "recall": float(r),
+             "f1": float(f), "support": int(s)}
+            for n, t, p, r, f, s in zip(names, cut, precision, recall, f1, support)]
 
 
 # ------------------------------------------------------------------------------- callbacks
 class F1Evaluation(keras.callbacks.Callback):
     """Adds val_micro_f1, val_macro_f1 and val_f1 to the epoch logs; list it before the callbacks
-    that read them (checkpointing, history, TensorBoard)."""
+    that read them (checkpointing, history, TensorBoard).
 
-    def __init__(self, features: dict, gold: np.ndarray, batch_size: int):
+    With `tune` the scores are those of thresholds tuned on this same data, as the run will use
+    after training (an optimistic figure, for choosing the epoch; the test split reports honestly).
+    """
+
+    def __init__(self, features: dict, gold: np.ndarray, batch_size: int, tune: bool = False):
         super().__init__()
-        self.features, self.gold, self.batch_size = features, gold, batch_size
+        self.features, self.gold, self.batch_size, self.tune = features, gold, batch_size, tune
 
     def on_epoch_end(self, epoch, logs=None):
-        logits = self.model.predict(self.features, batch_size=self.batch_size, verbose=0)
+        probabilities = sigmoid(self.model.predict(self.features, batch_size=self.batch_size,
+                                                   verbose=0))
         if logs is not None:
-            scores = f1_scores(self.gold, sigmoid(logits))
+            thresholds = tune_thresholds(self.gold, probabilities) if self.tune else None
+            scores = f1_scores(self.gold, probabilities, thresholds)
             logs.update({f"val_{k}": v for k, v in scores.items()})
+
+
+class SetBackboneScale(keras.callbacks.Callback):
+    """Gradual unfreezing: the backbone's learning-rate scale is 0 for the first `frozen_epochs`
+    epochs (only the new head learns), then the optimizer's configured scale."""
+
+    def __init__(self, optimizer: "DiscriminativeAdamW", frozen_epochs: int):
+        super().__init__()
+        self.optimizer, self.frozen_epochs = optimizer, frozen_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.optimizer.current_scale.assign(0.0 if epoch < self.frozen_epochs
+                                            else self.optimizer.scale)
 
 
 class SaveBest(keras.callbacks.Callback):

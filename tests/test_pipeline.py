@@ -63,6 +63,12 @@ def test_fine_tuning_reports_sane_scores_and_files(fine_tuned):
     assert set(labels) <= {"person", "place", "org", "time", "number", "other_proper", "none"}
     history = json.load(open(os.path.join(run_dir, "history.json"), encoding="utf-8"))
     assert [h["epoch"] for h in history] == [1, 2] and "val_f1" in history[0]
+    thresholds = json.load(open(os.path.join(run_dir, "thresholds.json"), encoding="utf-8"))
+    assert list(thresholds["thresholds"]) == labels
+    assert all(0.0 < t < 1.0 for t in thresholds["thresholds"].values())
+    assert report["decision_rule"] == "tuned"
+    assert [r["threshold"] for r in report["per_label"]] == list(
+        thresholds["thresholds"].values())
 
 
 def backbone_weights(backbone) -> list[np.ndarray]:
@@ -96,9 +102,22 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path):
         assert row["labels"] and set(row["labels"]) <= set(labels)
         assert set(row["probabilities"]) == set(labels)
         assert all(0.0 <= p <= 1.0 for p in row["probabilities"].values())
+    valid_file = os.path.join(ROOT, "data", "entities", "valid.txt")
     from_file = run("predict.py", f"--ckpt_dir={run_dir}", "--test_mode=True",
-                    f"--input_file={os.path.join(ROOT, 'data', 'entities', 'valid.txt')}")
+                    f"--input_file={valid_file}")
     assert len(from_file.stdout.splitlines()) == 100
+    # the run's tuned thresholds decide, unless --decision_rule=half asks for p >= 0.5
+    import predict
+    import train_util as tu
+    predictor = predict.Predictor(run_dir)
+    texts = [line for _, line in zip(range(100), open(valid_file, encoding="utf-8"))]
+    probs = predictor.probabilities(texts)
+    for flags, thresholds in (([], predictor.thresholds), (["--decision_rule=half"], None)):
+        out = run("predict.py", f"--ckpt_dir={run_dir}", "--test_mode=True",
+                  f"--input_file={valid_file}", *flags).stdout.splitlines()
+        chosen = tu.predict_labels(probs, thresholds)
+        assert [sorted(json.loads(line)["labels"]) for line in out] == [
+            sorted(labels[i] for i in np.flatnonzero(row)) for row in chosen]
     missing = run("predict.py", f"--ckpt_dir={tmp_path}", stdin="x\n", check=False)
     assert missing.returncode != 0 and "config.json is missing" in missing.stderr
     assert "Traceback" not in missing.stderr
@@ -123,6 +142,21 @@ def test_from_scratch_and_toy_task_summaries(tmp_path):
     toy = run("train_transform.py", "--toy_task=True", "--backbone=textcnn", "--test_mode=True",
               "--num_epochs=3")
     assert float(summary(toy.stdout, "toy_task")["accuracy"]) >= 0.9
+
+
+def test_many_labels_start_at_their_priors_and_a_stalled_run_stops(tmp_path):
+    """On the 200-label task a fresh head at p = 0.5 would cost ln 2 per label; at the priors
+    the start is a fraction of that. A learning rate of 0 cannot improve validation F1, so
+    patience 1 stops after the second epoch."""
+    run_dir = tmp_path / "many"
+    result = run("train_transform.py", "--test_mode=True", "--task=mentions", "--num_epochs=6",
+                 "--learning_rate=0", "--early_stopping_patience=1", "--sequence_length=64",
+                 f"--ckpt_dir_save={run_dir}")
+    values = summary(result.stdout, "scratch")
+    labels = open(run_dir / "labels.txt", encoding="utf-8").read().splitlines()
+    assert len(labels) > 100
+    assert float(values["initial_valid_loss"]) < 0.3 * len(labels) * np.log(2)
+    assert values["epochs"] == "2"
 
 
 def test_a_killed_pretraining_resumes_where_it_stopped(tmp_path):

@@ -62,7 +62,8 @@ def test_split_sizes_after_deduplication(built):
     _, paths, _ = built
     sizes = {task: [len(read_task(paths[task][split])) for split in prepare.SPLITS]
              for task in prepare.TASKS}
-    assert sizes == {"sentiment": [13_888, 1_736, 1_737], "entities": [15_195, 1_899, 1_900]}
+    assert sizes == {"sentiment": [13_888, 1_736, 1_737], "entities": [15_189, 1_902, 1_903],
+                     "mentions": [2_667, 340, 331]}
 
 
 @pytest.mark.parametrize("task", prepare.TASKS)
@@ -73,14 +74,15 @@ def test_no_text_twice_and_no_valid_or_test_text_in_training_or_pretraining(buil
     every = [k for split in prepare.SPLITS for k in keys[split]]
     assert len(every) == len(set(every))
     pretrain = {key(line) for _, line in du.read_lines(paths["pretrain"])}
-    assert set(keys["train"]) <= pretrain
+    if task != "mentions":  # its documents are entities' training paragraphs, names cut
+        assert set(keys["train"]) <= pretrain
     assert not (set(keys["valid"]) | set(keys["test"])) & pretrain
 
 
 def test_pretraining_corpus_is_both_training_splits_without_labels(built):
     _, paths, _ = built
     lines = [line for _, line in du.read_lines(paths["pretrain"])]
-    assert len(lines) == 13_888 + 15_195
+    assert len(lines) == 13_888 + 15_189
     assert not any(du.LABEL_PREFIX in line for line in lines)
     assert all(line == " ".join(line.split()) and line for line in lines)
 
@@ -97,6 +99,29 @@ def test_label_counts_are_sane(built):
     assert 2.0 < sum(len(ls) for _, ls in entities) / len(entities) < 2.6
     assert all(ls == ["none"] or "none" not in ls for _, ls in entities)
     assert counts.most_common(1)[0][0] == "number"
+
+
+def test_mentions_is_a_long_tailed_many_label_task_of_long_documents(built):
+    _, paths, _ = built
+    train = read_task(paths["mentions"]["train"])
+    counts = collections.Counter(label for _, labels in train for label in labels)
+    assert len(counts) >= 100
+    assert min(counts.values()) < 10 and sum(c < 20 for c in counts.values()) > len(counts) / 3
+    assert counts.most_common(1)[0][0] == "中国"
+    assert sum(len(text.split()) for text, _ in train) / len(train) >= 150
+    # the label names are cut from the text: the model has to infer them from the context
+    assert not any(set(text.split()) & counts.keys() for text, _ in train)
+
+
+def test_news_tasks_share_their_split_paragraph_by_paragraph(built):
+    """A mentions test document is made of entities test paragraphs, so its text does not reach
+    the pretraining corpus through the entities training split (split by paragraph, 80% would);
+    only boilerplate repeated across documents (a table header, say) may."""
+    _, paths, _ = built
+    pretrain = "\n".join(line for _, line in du.read_lines(paths["pretrain"]))
+    found = [" ".join(text.split()[:12]) in pretrain
+             for text, _ in read_task(paths["mentions"]["test"])[:100]]
+    assert sum(found) <= 5
 
 
 def test_entity_text_keeps_the_corpus_segmentation(built):

@@ -28,13 +28,74 @@ def test_per_label_report_names_every_label():
     assert report[0]["precision"] == pytest.approx(0.5) and report[1]["recall"] == 0.0
 
 
-def test_schedule_warms_up_then_decays_and_round_trips():
-    schedule = tu.WarmupExponentialDecay(1e-3, decay_steps=100, decay_rate=0.5, warmup_steps=10)
+def test_thresholds_pick_each_labels_own_cut_and_a_fallback():
+    probs = np.array([[0.9, 0.2, 0.1], [0.3, 0.05, 0.65], [0.4, 0.45, 0.2]])
+    cut = np.array([0.5, 0.15, 0.7])
+    # row 1: label 1 passes its 0.15; row 2: none passes, label 2 is nearest (0.65 - 0.7)
+    assert tu.predict_labels(probs, cut).tolist() == [[1, 1, 0], [0, 0, 1], [0, 1, 0]]
+
+
+def test_tuned_thresholds_find_a_rare_labels_low_probabilities():
+    rng = np.random.default_rng(0)
+    gold = np.zeros((400, 3), np.uint8)
+    gold[:, 0] = rng.random(400) < 0.5
+    gold[:40, 1] = 1                    # rare: its model never says more than 0.3
+    gold[:3, 2] = 1                     # too rare in valid for a threshold of its own
+    probs = np.where(gold == 1, 0.8, 0.1)
+    probs[:, 1] = np.where(gold[:, 1] == 1, 0.3, 0.05)
+    thresholds = tu.tune_thresholds(gold, probs)
+    assert 0.05 < thresholds[1] <= 0.3
+    assert thresholds[2] == thresholds[0]  # both the shared threshold
+    tuned = tu.per_label_report(gold, probs, ["a", "b", "c"], thresholds)
+    half = tu.per_label_report(gold, probs, ["a", "b", "c"])
+    assert tuned[1]["threshold"] == thresholds[1] and tuned[1]["f1"] == 1.0
+    assert half[1]["f1"] < 0.8
+    assert tu.f1_scores(gold, probs, thresholds)["f1"] > tu.f1_scores(gold, probs)["f1"]
+
+
+def test_schedule_warms_up_then_falls_linearly_to_zero_at_the_last_step():
+    schedule = tu.WarmupDecay(1e-3, total_steps=110, warmup_steps=10)
     assert float(schedule(0)) == pytest.approx(1e-4)
     assert float(schedule(9)) == pytest.approx(1e-3)
+    assert float(schedule(60)) == pytest.approx(5e-4)
+    assert float(schedule(110)) == pytest.approx(0.0) and float(schedule(500)) == 0.0
+    again = tu.WarmupDecay.from_config(schedule.get_config())
+    assert float(again(85)) == pytest.approx(float(schedule(85)))
+
+
+def test_schedule_keeps_the_originals_exponential_decay_on_request():
+    schedule = tu.WarmupDecay(1e-3, total_steps=10, warmup_steps=10, decay_steps=100,
+                              decay_rate=0.5)
     assert float(schedule(100)) == pytest.approx(5e-4)
-    again = tu.WarmupExponentialDecay.from_config(schedule.get_config())
-    assert float(again(250)) == pytest.approx(float(schedule(250)))
+    assert float(schedule(300)) == pytest.approx(1.25e-4)
+
+
+def test_backbone_learns_at_its_scale_of_the_heads_rate():
+    """Adam's first step moves every weight by about the learning rate, whatever its gradient,
+    so a scaled variable must move `scale` times as far; scale 0 holds it still."""
+    import keras
+    import model
+
+    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
+    ids = np.random.default_rng(0).integers(5, 50, size=(16, 12)).astype(np.int32)
+    inputs = {"token_ids": ids, "segment_ids": np.zeros_like(ids),
+              "padding_mask": np.ones_like(ids)}
+    labels = np.random.default_rng(1).integers(0, 2, size=(16, 3)).astype(np.float32)
+    moved = {}
+    for scale in (0.0, 0.25, 1.0):
+        keras.utils.set_random_seed(0)
+        classifier = model.build_classifier(model.build_backbone(config), 3, 0.0)
+        backbone, head = classifier.get_layer("backbone"), classifier.get_layer("classifier_head")
+        optimizer = tu.make_optimizer(1e-3, total_steps=100)
+        optimizer.scale_learning_rate(backbone.trainable_variables, scale)
+        model.compile_classifier(classifier, optimizer)
+        before = [keras.ops.convert_to_numpy(w) for w in (backbone.weights[0], head.weights[0])]
+        classifier.fit(inputs, labels, batch_size=16, epochs=1, verbose=0)
+        moved[scale] = [np.abs(keras.ops.convert_to_numpy(w) - b).max()
+                        for w, b in zip((backbone.weights[0], head.weights[0]), before)]
+    assert moved[0.0][0] == 0.0 and moved[0.0][1] > 0
+    assert moved[0.25][0] == pytest.approx(0.25 * moved[1.0][0], rel=0.05)
+    assert moved[0.25][1] == pytest.approx(moved[1.0][1], rel=0.05)
 
 
 def test_summary_line_is_grep_able(capsys):
