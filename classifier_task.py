@@ -12,6 +12,7 @@ from absl import flags
 
 import data_util_hdf5 as du
 import model
+import run_directory as rd
 import train_util as tu
 from data.prepare import ensure_sample_data
 
@@ -36,7 +37,8 @@ def define_flags(default_learning_rate: float, default_ckpt_dir: str) -> None:
     flags.DEFINE_string("valid_data_file", None, "Labelled validation file (picks the best epoch).")
     flags.DEFINE_string("test_data_file", None, "Labelled test file (the final report).")
     flags.DEFINE_string("ckpt_dir_save", default_ckpt_dir, "Run directory for the classifier: "
-                        "weights, config, vocabulary, labels, reports, logs. predict.py reads it.")
+                        "weights, config, vocabulary, labels, reports, logs. predict.py reads it. "
+                        "Test mode writes to test_<name> beside it unless the flag is given.")
     flags.DEFINE_integer("sequence_length", 200, "Tokens per example including [CLS]; longer text "
                          "is cut, shorter padded. Must not exceed the backbone's max_position.")
     flags.DEFINE_integer("early_stopping_patience", 3, "Stop when validation F1 has not improved "
@@ -68,7 +70,11 @@ class ClassificationData:
         return self.splits["train"][1].mean(axis=0)
 
     def steps_per_epoch(self) -> int:
-        return -(-len(self.splits["train"][0]) // FLAGS.batch_size)
+        return steps_per_epoch(len(self.splits["train"][0]))
+
+
+def steps_per_epoch(num_examples: int) -> int:
+    return -(-num_examples // FLAGS.batch_size)
 
 
 def features(input_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -77,34 +83,55 @@ def features(input_ids: np.ndarray) -> dict[str, np.ndarray]:
             "padding_mask": (input_ids != du.PAD_ID).astype(np.int32)}
 
 
-def data_files(run_dir: str) -> dict[str, str]:
-    """The train/valid/test files from the flags (or the sample task); test_mode slices them."""
+def validate_flags() -> None:
+    """The classifier flags' values that cannot work, refused in one line before any file is
+    touched."""
+    tu.validate_common_flags()
+    tu.check_flag_values([("sequence_length", FLAGS.sequence_length >= 2,
+                           "at least 2 ([CLS] and one token)")])
+
+
+def data_files() -> dict[str, str]:
+    """The train/valid/test files from the flags (or the sample task), each checked readable."""
     given = {"train": FLAGS.training_data_file, "valid": FLAGS.valid_data_file,
              "test": FLAGS.test_data_file}
     if not given["train"]:
         sample = ensure_sample_data(FLAGS.data_path)
         if FLAGS.task not in sample or FLAGS.task == "pretrain":
-            tu.fail(f"--task={FLAGS.task!r} is not a sample task; use entities, mentions or "
-                    "sentiment")
+            raise tu.UsageError(f"--task={FLAGS.task!r} is not a sample task; use entities, "
+                                "mentions or sentiment")
         given = {split: given[split] or path for split, path in sample[FLAGS.task].items()}
     files = {split: path for split, path in given.items() if path}
     if "valid" not in files:
-        tu.fail("--valid_data_file is needed with --training_data_file: it picks the best epoch "
-                "(hold out about a tenth of your labelled lines for it)")
+        raise tu.UsageError("--valid_data_file is needed with --training_data_file: it picks "
+                            "the best epoch (hold out about a tenth of your labelled lines for it)")
     for split, path in files.items():
-        if not os.path.exists(path):
-            tu.fail(f"{path}: no such file (the {split} data file); check the path flag")
-    if FLAGS.test_mode:
-        files = {split: tu.head_file(path, TEST_MODE_LINES[split],
-                                     os.path.join(run_dir, "test_data", f"{split}.txt"),
-                                     FLAGS.encoding)
-                 for split, path in files.items()}
+        du.check_readable(path, f"the {split} data file")
     return files
 
 
-def load_data(run_dir: str, vocab: du.Vocabulary | None, tokenize_style: str) -> ClassificationData:
+def open_run(files: dict[str, str], **fingerprint_extra) -> rd.Run:
+    """Lock --ckpt_dir_save and start, resume or refuse (see run_directory); in test mode the
+    files are then cut to a small slice inside the run directory."""
+    run, _ = rd.open_for_training(tu.run_dir_flag("ckpt_dir_save"), "classifier",
+                                  tu.run_fingerprint(files, **fingerprint_extra), FLAGS.overwrite,
+                                  "--ckpt_dir_save", test_run=FLAGS.test_mode)
+    return run
+
+
+def test_mode_slices(run: rd.Run, files: dict[str, str]) -> dict[str, str]:
+    if not FLAGS.test_mode:
+        return files
+    return {split: tu.head_file(path, TEST_MODE_LINES[split],
+                                os.path.join(run.file(rd.TEST_DATA), f"{split}.txt"),
+                                FLAGS.encoding)
+            for split, path in files.items()}
+
+
+def load_data(run: rd.Run, files: dict[str, str], vocab: du.Vocabulary | None,
+              tokenize_style: str) -> ClassificationData:
     """Labels from the training file; vocabulary given (pretrained) or built from it (scratch)."""
-    files = data_files(run_dir)
+    files = test_mode_slices(run, files)
     labels = du.build_label_list(files["train"], FLAGS.encoding)
     du.warn_if_unsegmented(files["train"], tokenize_style, labelled=True, encoding=FLAGS.encoding)
     cache_dir = FLAGS.cache_dir or os.path.join(os.path.dirname(os.path.abspath(files["train"])),
@@ -122,19 +149,15 @@ def load_data(run_dir: str, vocab: du.Vocabulary | None, tokenize_style: str) ->
     return ClassificationData(vocab, labels, tokenize_style, splits)
 
 
-# What a finished earlier run in the same directory leaves and a new run must not mix with.
-RUN_RESULTS = ["history.json", "best.json", "classifier.weights.h5", "test_report.json",
-               "valid_report.json", "history.png", "thresholds.json"]
-
-
-def save_run_files(run_dir: str, data: ClassificationData, config: model.ModelConfig) -> None:
+def save_run_files(run: rd.Run, data: ClassificationData, config: model.ModelConfig) -> None:
     """Everything predict.py needs besides the weights and thresholds."""
-    data.vocab.save(os.path.join(run_dir, "vocab.txt"))
-    du.save_label_list(data.labels, os.path.join(run_dir, "labels.txt"))
-    config.to_json(os.path.join(run_dir, "config.json"))
-    tu.write_json(os.path.join(run_dir, "data_config.json"),
-                  {"tokenize_style": data.tokenize_style, "sequence_length": FLAGS.sequence_length,
-                   "dropout": 1.0 - FLAGS.dropout_keep_prob, "num_labels": len(data.labels)})
+    run.write(rd.VOCAB, data.vocab.save)
+    run.write(rd.LABELS, lambda path: du.save_label_list(data.labels, path))
+    run.write_json(rd.CONFIG, config.to_dict())
+    run.write_json(rd.DATA_CONFIG, {"tokenize_style": data.tokenize_style,
+                                    "sequence_length": FLAGS.sequence_length,
+                                    "dropout": 1.0 - FLAGS.dropout_keep_prob,
+                                    "num_labels": len(data.labels)})
 
 
 def build_and_compile(backbone: keras.Model, num_labels: int, total_steps: int,
@@ -167,76 +190,66 @@ def probabilities(classifier: keras.Model, data: ClassificationData, split: str)
 
 
 def evaluate(classifier: keras.Model, data: ClassificationData, split: str,
-             thresholds: np.ndarray | None = None) -> dict[str, float]:
-    """Loss and F1 scores on one split, with the current weights."""
+             thresholds: np.ndarray | None = None,
+             probs: np.ndarray | None = None) -> dict[str, float]:
+    """Loss and F1 scores on one split, with the current weights (`probs`: already predicted)."""
     loss = classifier.evaluate(data.dataset(split), verbose=0)
     loss = loss[0] if isinstance(loss, list) else loss
-    return {"loss": float(loss),
-            **tu.f1_scores(data.splits[split][1], probabilities(classifier, data, split),
-                           thresholds)}
+    if probs is None:
+        probs = probabilities(classifier, data, split)
+    return {"loss": float(loss), **tu.f1_scores(data.splits[split][1], probs, thresholds)}
 
 
-def train(classifier: keras.Model, data: ClassificationData, run_dir: str, epochs: int,
+def train(classifier: keras.Model, data: ClassificationData, run: rd.Run, epochs: int,
           frozen_epochs: int = 0) -> list:
     """Fit with F1 on valid each epoch; keep the best weights; stop early; resume after a crash.
     `frozen_epochs`: epochs at the start in which the backbone does not move (gradual
-    unfreezing; needs a classifier built with a backbone_lr_scale)."""
-    weights_file = os.path.join(run_dir, "classifier.weights.h5")
+    unfreezing; needs a classifier built with a backbone_lr_scale). Returns the history."""
+    done, ended, best_state = rd.restore(run, classifier, epochs)
     valid_ids, valid_gold = data.splits["valid"]
-
-    def save_weights() -> None:
-        tmp = os.path.join(run_dir, "tmp_classifier.weights.h5")
-        classifier.save_weights(tmp)
-        os.replace(tmp, weights_file)
-
-    callbacks = [
-        tu.F1Evaluation(features(valid_ids), valid_gold, FLAGS.batch_size,
-                        tune=FLAGS.decision_rule == "tuned"),
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
-        tu.SaveBest("val_f1", "max", save_weights, os.path.join(run_dir, "best.json")),
-        tu.HistoryFile(os.path.join(run_dir, "history.json")),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
-    ]
+    best = rd.BestEpoch(run, "val_f1", "max",
+                        lambda: run.save_weights(classifier, rd.CLASSIFIER_WEIGHTS),
+                        FLAGS.early_stopping_patience, best_state)
+    callbacks = [tu.F1Evaluation(features(valid_ids), valid_gold, FLAGS.batch_size,
+                                 tune=FLAGS.decision_rule == "tuned")]
     if frozen_epochs:
         callbacks.append(tu.SetBackboneScale(classifier.optimizer, frozen_epochs))
-    if FLAGS.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping("val_f1", mode="max", verbose=1,
-                                                       patience=FLAGS.early_stopping_patience))
-    classifier.fit(data.dataset("train", shuffle=True, seed=FLAGS.seed),
-                   validation_data=data.dataset("valid"), epochs=epochs, callbacks=callbacks,
-                   shuffle=False,
-                   verbose=2 if FLAGS.test_mode else "auto")
-    classifier.load_weights(weights_file)
-    return tu.read_json(os.path.join(run_dir, "history.json"), [])
+    callbacks += [best, keras.callbacks.TensorBoard(run.file(rd.LOGS)), rd.EpochBackup(run, best)]
+    if not ended:
+        classifier.fit(data.dataset("train", shuffle=True, seed=FLAGS.seed),
+                       validation_data=data.dataset("valid"), epochs=epochs, initial_epoch=done,
+                       callbacks=callbacks, shuffle=False, verbose=2 if FLAGS.test_mode else "auto")
+    classifier.load_weights(run.verified(rd.CLASSIFIER_WEIGHTS))
+    return rd.read_json_file(run.file(rd.HISTORY), [])
 
 
 def choose_thresholds(classifier: keras.Model, data: ClassificationData,
-                      run_dir: str) -> np.ndarray | None:
+                      run: rd.Run) -> np.ndarray | None:
     """--decision_rule=tuned: per-label thresholds from the validation split, saved for
     predict.py in thresholds.json; 'half': None (p >= 0.5)."""
     if FLAGS.decision_rule == "half":
         return None
     thresholds = tu.tune_thresholds(data.splits["valid"][1],
                                     probabilities(classifier, data, "valid"))
-    tu.write_json(os.path.join(run_dir, "thresholds.json"),
-                  {"rule": "tuned on the validation split",
-                   "thresholds": {name: float(t) for name, t in zip(data.labels, thresholds)}})
+    run.write_json(rd.THRESHOLDS,
+                   {"rule": "tuned on the validation split",
+                    "thresholds": {name: float(t) for name, t in zip(data.labels, thresholds)}})
     return thresholds
 
 
-def report(classifier: keras.Model, data: ClassificationData, run_dir: str, history: list,
+def report(classifier: keras.Model, data: ClassificationData, run: rd.Run, history: list,
            title: str) -> dict[str, float]:
     """Test-set scores + per-label file, the history plot; returns the test scores."""
-    tu.plot_history(history, ["val_f1", "val_micro_f1", "val_macro_f1"],
-                    os.path.join(run_dir, "history.png"), title)
-    thresholds = choose_thresholds(classifier, data, run_dir)
+    run.write(rd.HISTORY_PLOT, lambda path: tu.plot_history(
+        history, ["val_f1", "val_micro_f1", "val_macro_f1"], path, title))
+    thresholds = choose_thresholds(classifier, data, run)
     split = "test" if "test" in data.splits else "valid"
-    scores = evaluate(classifier, data, split, thresholds)
-    gold = data.splits[split][1]
-    tu.write_json(os.path.join(run_dir, f"{split}_report.json"),
-                  {"split": split, "decision_rule": FLAGS.decision_rule, **scores,
-                   "per_label": tu.per_label_report(gold, probabilities(classifier, data, split),
-                                                    data.labels, thresholds)})
+    probs = probabilities(classifier, data, split)
+    scores = evaluate(classifier, data, split, thresholds, probs)
+    run.write_json(f"{split}_report.json",
+                   {"split": split, "decision_rule": FLAGS.decision_rule, **scores,
+                    "per_label": tu.per_label_report(data.splits[split][1], probs, data.labels,
+                                                     thresholds)})
     best = max(history, key=lambda h: h.get("val_f1", -1.0)) if history else {}
     return {f"{split}_micro_f1": scores["micro_f1"], f"{split}_macro_f1": scores["macro_f1"],
             f"{split}_f1": scores["f1"], "best_valid_f1": best.get("val_f1", float("nan")),

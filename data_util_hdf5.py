@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
+import errno
 import glob
 import hashlib
 import importlib.util
@@ -40,6 +42,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Callable, Iterable, Iterator
@@ -65,6 +68,58 @@ class DataError(ValueError):
 
     The scripts print it without a traceback.
     """
+
+
+class DiskFullError(DataError):
+    """A write failed for want of space. The scripts print it and exit at once: HDF5 objects
+    left over from the failed write can crash the interpreter's normal shutdown."""
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it arose from, reports a full disk (HDF5 wraps ENOSPC in a
+    RuntimeError whose text carries it, and its clean-up may raise further errors on top)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+# Kept free beyond what a write needs: HDF5 adds metadata, and once it meets a full disk it
+# reports the failure from every object it frees (and can crash the interpreter), so a write
+# that might not fit is refused before it starts.
+FREE_SPACE_MARGIN = 4 << 20
+
+
+def ensure_free_space(path: str, needed_bytes: int) -> None:
+    """Raise DiskFullError unless the file system holding `path` has room for `needed_bytes`
+    plus FREE_SPACE_MARGIN."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if free < needed_bytes + FREE_SPACE_MARGIN:
+        path = re.sub(r"\.\d+\.tmp$", "", path)  # name the file the user knows
+        raise DiskFullError(f"{path}: not enough disk space to write it ({free >> 20} MiB free, "
+                            f"about {(needed_bytes + FREE_SPACE_MARGIN) >> 20} MiB needed); free "
+                            "some space (or point the directory flag at a larger disk), then "
+                            "rerun the same command")
+
+
+@contextlib.contextmanager
+def quiet_failed_hdf5_writes():
+    """HDF5 repeats a failed write's error from every object it frees on the way out, each as
+    an "Exception ignored" traceback; those echoes would bury the one line the user needs."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not is_disk_full(unraisable.exc_value) and \
+                "file write failed" not in str(unraisable.exc_value):
+            previous(unraisable)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -141,12 +196,19 @@ def _check_style(style: str) -> None:
 def parse_label_line(line: str) -> tuple[str, list[str]]:
     """Split ``text __label__a __label__b`` into ("text", ["a", "b"]).
 
-    The text is everything before the first ``__label__``; labels are stripped, empty ones ignored
-    and repeats kept once.
+    As in fastText, every whitespace-separated token that starts with ``__label__`` is a label,
+    wherever it stands (``__label__a some text`` works too); the other tokens, in order, are
+    the text. Empty labels are ignored and repeats kept once.
     """
-    text, *labels = line.split(LABEL_PREFIX)
-    stripped = (label.strip() for label in labels)
-    return text.strip(), list(dict.fromkeys(label for label in stripped if label))
+    if LABEL_PREFIX not in line:
+        return line.strip(), []
+    words, labels = [], []
+    for token in line.split():
+        if token.startswith(LABEL_PREFIX):
+            labels.append(token[len(LABEL_PREFIX):])
+        else:
+            words.append(token)
+    return " ".join(words), list(dict.fromkeys(label for label in labels if label))
 
 
 def check_encoding(encoding: str) -> None:
@@ -189,6 +251,15 @@ def _open_binary(path: str):
         raise DataError(f"{path}: no such file; check the path flag") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory; give a text file") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied; make the file readable") from None
+
+
+def check_readable(path: str, what: str) -> None:
+    """Raise DataError (naming `what`, e.g. 'the train data file') unless `path` can be read."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file ({what}); check the path flag")
+    _open_binary(path).close()
 
 
 def _read_chunks(path: str, encoding: str, chunk_lines: int) -> Iterator[list[tuple[int, str]]]:
@@ -528,17 +599,22 @@ def write_hdf5_atomically(path: str, write_fn: Callable[[h5py.File], None],
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _remove_orphaned_temporaries(path)
     temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        with h5py.File(temporary, "w") as h5:
-            write_fn(h5)
-            h5.attrs["fingerprint"] = fingerprint
-            h5.attrs["complete"] = True
-            h5.flush()
-        _fsync(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
+    with quiet_failed_hdf5_writes():
+        try:
+            with h5py.File(temporary, "w") as h5:
+                write_fn(h5)
+                h5.attrs["fingerprint"] = fingerprint
+                h5.attrs["complete"] = True
+                h5.flush()
+            _fsync(temporary)
+            os.replace(temporary, path)
+        except BaseException as error:
+            _remove_quietly(temporary)
+            if is_disk_full(error):
+                raise DiskFullError(f"{path}: no space left on the device for this cache; free "
+                                    "disk space or point --cache_dir at a larger disk, then "
+                                    "rerun") from None
+            raise
 
 
 def open_valid_cache(path: str, fingerprint: str) -> bool:
@@ -679,6 +755,7 @@ class _RowWriter:
 
     def flush(self) -> None:
         for name, dataset in self.datasets.items():
+            ensure_free_space(dataset.file.filename, self.blocks[name][:self.filled].nbytes)
             dataset.resize(self.rows + self.filled, axis=0)
             dataset[self.rows:] = self.blocks[name][:self.filled]
         self.rows += self.filled
@@ -760,6 +837,7 @@ def load_or_build_token_cache(path: str, vocab: Vocabulary, tokenize_style: str,
 
 def _append(dataset: h5py.Dataset, values: list[int]) -> None:
     if values:
+        ensure_free_space(dataset.file.filename, len(values) * dataset.dtype.itemsize)
         start = dataset.shape[0]
         dataset.resize((start + len(values),))
         dataset[start:] = np.asarray(values, dataset.dtype)

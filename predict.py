@@ -22,6 +22,7 @@ from absl import app, flags
 
 import data_util_hdf5 as du
 import model
+import run_directory as rd
 import train_util as tu
 
 FLAGS = flags.FLAGS
@@ -34,7 +35,8 @@ flags.DEFINE_enum("decision_rule", "run", ["run", "half"], "'run': the run direc
                   "thresholds (thresholds.json) if it has them, else p >= 0.5; 'half': p >= 0.5.")
 flags.DEFINE_integer("batch_size", 256, "Documents scored per batch.")
 flags.DEFINE_boolean("test_mode", False, "Label only the first 100 documents, to try a run "
-                     "directory quickly.")
+                     "directory quickly; --ckpt_dir then defaults to runs/test_ft, where "
+                     "train_bert_fine_tuning.py --test_mode=True writes.")
 flags.DEFINE_string("export_dir", None, "Write a TensorFlow SavedModel here (endpoint 'serve': "
                     "int32 token_ids [batch, length] -> probabilities [batch, labels]) and stop.")
 
@@ -43,32 +45,35 @@ class Predictor:
     """A classifier run directory, ready to turn text into label probabilities."""
 
     def __init__(self, run_dir: str):
-        for name in ("config.json", "vocab.txt", "labels.txt", "data_config.json",
-                     "classifier.weights.h5"):
-            if not os.path.exists(os.path.join(run_dir, name)):
-                raise du.DataError(f"{run_dir}: {name} is missing; point --ckpt_dir at a finished "
-                                   "fine-tuning or train_transform.py run directory")
-        self.vocab = du.Vocabulary.load(os.path.join(run_dir, "vocab.txt"))
-        self.labels = du.load_label_list(os.path.join(run_dir, "labels.txt"))
-        info = tu.read_json(os.path.join(run_dir, "data_config.json"))
-        self.tokenize_style, self.sequence_length = info["tokenize_style"], info["sequence_length"]
-        self.thresholds = self._read_thresholds(os.path.join(run_dir, "thresholds.json"))
-        config = model.ModelConfig.from_json(os.path.join(run_dir, "config.json"))
-        self.classifier = model.build_classifier(model.build_backbone(config), len(self.labels),
-                                                 info["dropout"])
+        run = rd.open_finished(run_dir, "classifier", "--ckpt_dir")
+        self.vocab = du.Vocabulary.load(run.verified(rd.VOCAB))
+        self.labels = du.load_label_list(run.verified(rd.LABELS))
+        info = run.read_json_object(rd.DATA_CONFIG)
         try:
-            self.classifier.load_weights(os.path.join(run_dir, "classifier.weights.h5"))
-        except ValueError as error:
-            raise du.DataError(f"{run_dir}/classifier.weights.h5 does not fit its config.json "
+            self.tokenize_style = info["tokenize_style"]
+            self.sequence_length, dropout = int(info["sequence_length"]), float(info["dropout"])
+        except (KeyError, TypeError, ValueError):
+            raise du.DataError(f"{run.file(rd.DATA_CONFIG)}: needs tokenize_style, "
+                               "sequence_length and dropout; train again") from None
+        self.thresholds = self._read_thresholds(run)
+        config = model.ModelConfig.from_json(run.verified(rd.CONFIG))
+        self.classifier = model.build_classifier(model.build_backbone(config), len(self.labels),
+                                                 dropout)
+        weights = run.verified(rd.CLASSIFIER_WEIGHTS)
+        try:
+            self.classifier.load_weights(weights)
+        except (OSError, ValueError) as error:
+            raise du.DataError(f"{weights} does not fit its config.json "
                                f"({str(error).splitlines()[0][:120]}); the run directory mixes "
                                "files of different runs, train it again") from None
 
-    def _read_thresholds(self, path: str) -> np.ndarray | None:
+    def _read_thresholds(self, run: rd.Run) -> np.ndarray | None:
         """Per-label thresholds in labels.txt order, or None (p >= 0.5) when the run has none."""
-        saved = tu.read_json(path, {}).get("thresholds")
-        if saved is None:
+        if not os.path.exists(run.file(rd.THRESHOLDS)):
             return None
-        if sorted(saved) != sorted(self.labels):
+        path = run.verified(rd.THRESHOLDS)
+        saved = rd.read_json_file(path).get("thresholds")
+        if not isinstance(saved, dict) or sorted(saved) != sorted(self.labels):
             raise du.DataError(f"{path} names other labels than labels.txt beside it; the run "
                                "directory mixes files of different runs, train it again")
         return np.array([saved[label] for label in self.labels])
@@ -103,7 +108,7 @@ class Predictor:
         archive.track(classifier)
         archive.add_endpoint("serve", serve, input_signature=[
             tf.TensorSpec([None, None], tf.int32, name="token_ids")])
-        archive.write_out(export_dir)
+        rd.write_directory_atomically(export_dir, archive.write_out)
 
 
 def read_documents(path: str | None, encoding: str):
@@ -138,7 +143,12 @@ def _score(predictor: Predictor, batch: list, min_prob: float, rule: str):
 
 
 def main(_):
-    predictor = Predictor(FLAGS.ckpt_dir)
+    if FLAGS.export_dir and os.path.exists(FLAGS.export_dir) and not os.path.isdir(
+            FLAGS.export_dir):
+        tu.fail(f"--export_dir={FLAGS.export_dir} is a file; give a directory")
+    if FLAGS.batch_size < 1:
+        tu.fail(f"--batch_size={FLAGS.batch_size} must be at least 1")
+    predictor = Predictor(tu.run_dir_flag("ckpt_dir"))
     if FLAGS.export_dir:
         predictor.export(FLAGS.export_dir)
         print(f"exported SavedModel to {FLAGS.export_dir}", file=sys.stderr)
@@ -151,7 +161,7 @@ def main(_):
                                 FLAGS.decision_rule):
         print(json.dumps(result, ensure_ascii=False), flush=False)
         count += 1
-    print(f"predict documents={count} ckpt_dir={FLAGS.ckpt_dir}", file=sys.stderr)
+    print(f"predict documents={count} ckpt_dir={tu.run_dir_flag('ckpt_dir')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ The default recipe needs no learning-rate search: the head starts at the label p
 falls linearly to 0, training stops when validation F1 stalls for --early_stopping_patience
 epochs, and per-label thresholds are tuned on validation.
 """
-import os
-
 from absl import app, flags
 
 import classifier_task as ct
 import data_util_hdf5 as du
 import model
+import run_directory as rd
 import train_util as tu
 
 FLAGS = flags.FLAGS
@@ -32,7 +31,8 @@ FLAGS = flags.FLAGS
 # original's 1e-5 for everything learns almost nothing in a run of a few hundred steps.
 ct.define_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/ft")
 flags.DEFINE_string("pretrained_dir", "runs/lm", "Run directory of train_bert_lm.py (its "
-                    "--ckpt_dir): config.json, vocab.txt, data_config.json, backbone.weights.h5.")
+                    "--ckpt_dir): config.json, vocab.txt, data_config.json, backbone.weights.h5. "
+                    "Test mode reads runs/test_lm unless the flag is given.")
 flags.DEFINE_float("backbone_lr_scale", 1.0, "The pretrained backbone learns at this fraction of "
                    "--learning_rate while the new head learns at the full rate (ULMFiT's "
                    "discriminative rates; the original's 'smaller rate so fine-tuning does not "
@@ -51,48 +51,53 @@ flags.DEFINE_boolean("freeze_backbone", False, "Train only the classifier head o
 
 def main(_):
     # --------------------------------------------------------------------- setup
+    ct.validate_flags()
     timer, strategy = tu.start_run()
-    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ct.RUN_RESULTS)
-    pretrained = FLAGS.pretrained_dir
-    if not os.path.exists(os.path.join(pretrained, "backbone.weights.h5")):
-        tu.fail(f"{pretrained}: no backbone.weights.h5; run train_bert_lm.py first or point "
-                "--pretrained_dir at its --ckpt_dir")
-
-    # ---------------------------------------------------------------------- data
-    style = tu.read_json(os.path.join(pretrained, "data_config.json"), {}).get("tokenize_style",
-                                                                                "space")
+    pretrained = rd.open_finished(tu.run_dir_flag("pretrained_dir"), "pretrain",
+                                  "--pretrained_dir")
+    style = pretrained.read_json_object(rd.DATA_CONFIG).get("tokenize_style")
+    if style not in du.TOKENIZE_STYLES:
+        tu.fail(f"{pretrained.file(rd.DATA_CONFIG)}: tokenize_style {style!r} is not one of "
+                f"{', '.join(du.TOKENIZE_STYLES)}; pretrain again")
     if FLAGS.tokenize_style not in (None, style):
         tu.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
-                f"'{style}' ({pretrained}/data_config.json); drop the flag")
+                f"'{style}' ({pretrained.file(rd.DATA_CONFIG)}); drop the flag")
     # checked before tokenizing, so that a bad length does not wait for the data
-    model.ModelConfig.from_json(os.path.join(pretrained, "config.json")).check_sequence_length(
+    model.ModelConfig.from_json(pretrained.verified(rd.CONFIG)).check_sequence_length(
         FLAGS.sequence_length)
-    vocab = du.Vocabulary.load(os.path.join(pretrained, "vocab.txt"))
-    data = ct.load_data(run_dir, vocab, style)
+    vocab = du.Vocabulary.load(pretrained.verified(rd.VOCAB))
+    files = ct.data_files()
+    run = ct.open_run(files, pretrained=pretrained.manifest.get("checksums"))
+
+    # ---------------------------------------------------------------------- data
+    data = ct.load_data(run, files, vocab, style)
     epochs = tu.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
 
     # --------------------------------------------------------------------- model
     with strategy.scope():
-        backbone, config = model.load_backbone(pretrained, expected_vocab_size=len(vocab),
+        backbone, config = model.load_backbone(pretrained.verified(rd.CONFIG),
+                                               pretrained.verified(rd.BACKBONE_WEIGHTS),
+                                               expected_vocab_size=len(vocab),
                                                dropout=1.0 - FLAGS.dropout_keep_prob)
         classifier = ct.build_and_compile(backbone, len(data.labels),
                                           epochs * data.steps_per_epoch(),
                                           data.label_frequencies(), FLAGS.backbone_lr_scale,
                                           FLAGS.freeze_backbone)
-    ct.save_run_files(run_dir, data, config)
+    ct.save_run_files(run, data, config)
     start = ct.evaluate(classifier, data, "valid")
     print(f"before fine-tuning: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f} "
           f"(micro {start['micro_f1']:.4f}, macro {start['macro_f1']:.4f})")
 
     # ----------------------------------------------------------------------- fit
-    history = ct.train(classifier, data, run_dir, epochs,
+    history = ct.train(classifier, data, run, epochs,
                        0 if FLAGS.freeze_backbone else FLAGS.frozen_epochs)
 
     # -------------------------------------------------------------------- report
-    scores = ct.report(classifier, data, run_dir, history, "fine-tuning: validation F1")
+    scores = ct.report(classifier, data, run, history, "fine-tuning: validation F1")
+    run.finish(scores)
     tu.summary_line("fine_tune", **scores, initial_valid_loss=start["loss"],
                     initial_valid_f1=start["f1"], epochs=len(history), seconds=timer.seconds(),
-                    ckpt_dir=run_dir)
+                    ckpt_dir=run.path)
 
 
 if __name__ == "__main__":

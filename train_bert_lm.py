@@ -9,9 +9,11 @@ Your own corpus, raw Chinese text, one document a line, segmented with jieba:
 Several GPUs:
     python train_bert_lm.py --distribution_strategy=mirrored --batch_size=256
 
-Re-running the same command after a crash or Ctrl-C resumes where it stopped (runs/lm/backup/).
-Writes to --ckpt_dir: config.json, vocab.txt, data_config.json, backbone.weights.h5 (best epoch by
-validation masked-LM loss), history.json, history.png, logs/ (TensorBoard).
+Re-running the same command after a crash, a kill or Ctrl-C resumes after the last complete epoch;
+a finished run is never overwritten unless --overwrite=True (run_directory.py says what happens
+when). Writes to --ckpt_dir: config.json, vocab.txt, data_config.json, backbone.weights.h5 (best
+epoch by validation masked-LM loss), history.json, history.png, logs/ (TensorBoard), run.json
+(status, fingerprint and checksums). Test mode writes to runs/test_lm unless --ckpt_dir is given.
 """
 import os
 
@@ -21,6 +23,7 @@ from absl import app, flags
 import data_util_hdf5 as du
 import model
 import pretrain_task as pt
+import run_directory as rd
 import train_util as tu
 from data.prepare import ensure_sample_data
 
@@ -32,7 +35,8 @@ flags.DEFINE_string("mask_lm_source_file", None, "Unlabelled text for pretrainin
                     "line, its words separated by spaces (or give --tokenize_style=word/char for "
                     "raw text). Default: the sample corpus, <data_path>/pretrain_corpus.txt.")
 flags.DEFINE_string("ckpt_dir", "runs/lm", "Run directory: weights, config, vocabulary, logs. "
-                    "Fine-tuning reads it through its --pretrained_dir flag.")
+                    "Fine-tuning reads it through its --pretrained_dir flag. Test mode writes "
+                    "to runs/test_lm unless the flag is given.")
 flags.DEFINE_integer("sequence_length_lm", 64, "Tokens per pretraining example, [CLS] and [SEP] "
                      "included; whole sentences are packed up to this length.")
 flags.DEFINE_float("mask_rate", 0.15, "Fraction of real tokens masked in each example (80% become "
@@ -42,24 +46,43 @@ flags.DEFINE_boolean("use_nsp", False, "Also train next-sentence prediction on [
 flags.DEFINE_float("valid_fraction", 0.05, "Fraction of corpus documents held out for validation.")
 
 
+def validate_flags() -> None:
+    """Values that cannot work, refused in one line before any file is touched."""
+    tu.validate_common_flags()
+    shortest = 5 if FLAGS.use_nsp else 3  # [CLS] A [SEP] (B [SEP]), one token a segment
+    tu.check_flag_values([
+        ("sequence_length_lm", FLAGS.sequence_length_lm >= shortest, f"at least {shortest}"),
+        ("mask_rate", 0 < FLAGS.mask_rate < 1, "between 0 and 1 (exclusive)"),
+        ("valid_fraction", 0 < FLAGS.valid_fraction < 1, "between 0 and 1 (exclusive)")])
+    model.check_sequence_length(FLAGS.sequence_length_lm, FLAGS.max_position)
+
+
 def main(_):
     # --------------------------------------------------------------------- setup
+    validate_flags()
     timer, strategy = tu.start_run()
-    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir, ["history.json", "best.json",
-                                                   "backbone.weights.h5", "history.png"])
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
     epochs = tu.epochs_to_run(test_mode_default=1)
+    corpus_file = FLAGS.mask_lm_source_file or ensure_sample_data(FLAGS.data_path)["pretrain"]
+    du.check_readable(corpus_file, "the pretraining corpus, --mask_lm_source_file")
+    style = FLAGS.tokenize_style or "space"
+    run, _ = rd.open_for_training(tu.run_dir_flag("ckpt_dir"), "pretrain",
+                                  tu.run_fingerprint({"corpus": corpus_file}, tokenize=style,
+                                                     model_preset=preset),
+                                  FLAGS.overwrite, "--ckpt_dir", test_run=FLAGS.test_mode)
 
     # ---------------------------------------------------------------------- data
-    corpus_file = FLAGS.mask_lm_source_file or ensure_sample_data(FLAGS.data_path)["pretrain"]
     cache_dir = FLAGS.cache_dir or os.path.join(
         os.path.dirname(os.path.abspath(corpus_file)), "cache")
     if FLAGS.test_mode:
-        corpus_file = tu.head_file(corpus_file, 3000, os.path.join(run_dir, "test_corpus.txt"),
+        corpus_file = tu.head_file(corpus_file, 3000, run.file("test_corpus.txt"),
                                    FLAGS.encoding)
-    style = FLAGS.tokenize_style or "space"
     du.warn_if_unsegmented(corpus_file, style, encoding=FLAGS.encoding)
-    vocab = load_or_build_vocab(corpus_file, run_dir, style, cache_dir)
+    vocab = du.load_or_build_vocabulary([corpus_file], style, FLAGS.vocab_size, cache_dir,
+                                        encoding=FLAGS.encoding, process_num=FLAGS.process_num)
+    run.write(rd.VOCAB, vocab.save)
+    run.write_json(rd.DATA_CONFIG, {"tokenize_style": style, "vocab_size": len(vocab),
+                                    "sequence_length_lm": FLAGS.sequence_length_lm})
     cache = pt.load_or_build_corpus_cache(corpus_file, vocab, style, cache_dir,
                                           FLAGS.encoding, FLAGS.process_num)
     train_corpus, valid_corpus = pt.split_documents(pt.read_corpus(cache, vocab),
@@ -70,7 +93,7 @@ def main(_):
 
     # --------------------------------------------------------------------- model
     config = tu.config_from_flags(len(vocab), preset)
-    config.check_sequence_length(FLAGS.sequence_length_lm)
+    run.write_json(rd.CONFIG, config.to_dict())
     # Transformers are known to need a warm-up; 10% of an epoch unless the flag says otherwise.
     warmup = FLAGS.warmup_steps
     if warmup is None:
@@ -81,49 +104,30 @@ def main(_):
         optimizer = tu.make_optimizer(FLAGS.learning_rate, steps * epochs, warmup,
                                       FLAGS.decay_steps, FLAGS.decay_rate, FLAGS.weight_decay)
         model.compile_pretraining_model(pretrainer, optimizer, FLAGS.use_nsp, FLAGS.jit_compile)
+        done, ended, best_state = rd.restore(run, pretrainer, epochs)
 
     # ----------------------------------------------------------------------- fit
-    callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
-        tu.SaveBest("val_mlm_loss", "min", lambda: model.save_backbone(backbone, config, run_dir),
-                    os.path.join(run_dir, "best.json")),
-        tu.HistoryFile(os.path.join(run_dir, "history.json")),
-        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
-    ]
-    pretrainer.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks,
-                   shuffle=False,
-                   verbose=2 if FLAGS.test_mode else "auto")
+    best = rd.BestEpoch(run, "val_mlm_loss", "min",
+                        lambda: run.save_weights(backbone, rd.BACKBONE_WEIGHTS),
+                        restored=best_state)
+    callbacks = [best, keras.callbacks.TensorBoard(run.file(rd.LOGS)), rd.EpochBackup(run, best)]
+    if not ended:
+        pretrainer.fit(train_ds, validation_data=valid_ds, epochs=epochs, initial_epoch=done,
+                       callbacks=callbacks, shuffle=False,
+                       verbose=2 if FLAGS.test_mode else "auto")
 
     # -------------------------------------------------------------------- report
-    history = tu.read_json(os.path.join(run_dir, "history.json"), [])
-    tu.plot_history(history, ["mlm_loss", "val_mlm_loss"], os.path.join(run_dir, "history.png"),
-                    f"masked-LM pretraining ({FLAGS.backbone})")
-    best = min(history, key=lambda h: h["val_mlm_loss"])
-    extra = {"best_valid_nsp_accuracy": best["val_nsp_accuracy"]} if FLAGS.use_nsp else {}
-    tu.summary_line("pretrain", backbone=FLAGS.backbone,
-                    best_valid_mlm_loss=best["val_mlm_loss"],
-                    best_valid_mlm_accuracy=best["val_mlm_accuracy"], **extra,
+    history = rd.read_json_file(run.file(rd.HISTORY), [])
+    run.write(rd.HISTORY_PLOT, lambda path: tu.plot_history(
+        history, ["mlm_loss", "val_mlm_loss"], path, f"masked-LM pretraining ({FLAGS.backbone})"))
+    best_epoch = min(history, key=lambda h: h["val_mlm_loss"])
+    extra = {"best_valid_nsp_accuracy": best_epoch["val_nsp_accuracy"]} if FLAGS.use_nsp else {}
+    scores = {"best_valid_mlm_loss": best_epoch["val_mlm_loss"],
+              "best_valid_mlm_accuracy": best_epoch["val_mlm_accuracy"], **extra}
+    run.finish(scores)
+    tu.summary_line("pretrain", backbone=FLAGS.backbone, **scores,
                     epochs=len(history), steps=steps * len(history), seconds=timer.seconds(),
-                    ckpt_dir=run_dir)
-
-
-def load_or_build_vocab(corpus_file: str, run_dir: str, style: str,
-                        cache_dir: str) -> du.Vocabulary:
-    """The run's vocabulary; an interrupted run may resume only with the corpus and settings it
-    started with."""
-    wanted = {"corpus_fingerprint": du.file_fingerprint(corpus_file),
-              "vocab_size": FLAGS.vocab_size,
-              "tokenize_style": style, "sequence_length_lm": FLAGS.sequence_length_lm}
-    info_file, vocab_file = os.path.join(run_dir, "data_config.json"), os.path.join(run_dir,
-                                                                                     "vocab.txt")
-    if os.path.exists(os.path.join(run_dir, "backup")) and tu.read_json(info_file) != wanted:
-        tu.fail(f"{run_dir} holds an interrupted run made with other data or settings; resume it "
-                "with its original flags, or choose a new --ckpt_dir")
-    vocab = du.load_or_build_vocabulary([corpus_file], style, FLAGS.vocab_size, cache_dir,
-                                        encoding=FLAGS.encoding, process_num=FLAGS.process_num)
-    vocab.save(vocab_file)
-    tu.write_json(info_file, wanted)
-    return vocab
+                    ckpt_dir=run.path)
 
 
 def make_datasets(train_corpus, valid_corpus, vocab_size: int):

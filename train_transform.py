@@ -25,16 +25,18 @@ flags.DEFINE_boolean("toy_task", False, "Train on the original's toy task instea
 
 def main(_):
     # --------------------------------------------------------------------- setup
+    ct.validate_flags()
     timer, strategy = tu.start_run()
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
     if FLAGS.toy_task:
         return run_toy_task(strategy, preset, timer)
-    run_dir = tu.prepare_run_dir(FLAGS.ckpt_dir_save, ct.RUN_RESULTS)
-
-    # ---------------------------------------------------------------------- data
     # checked before tokenizing, so that a bad length does not wait for the data
     model.check_sequence_length(FLAGS.sequence_length, FLAGS.max_position)
-    data = ct.load_data(run_dir, None, FLAGS.tokenize_style or "space")
+    files = ct.data_files()
+    run = ct.open_run(files)
+
+    # ---------------------------------------------------------------------- data
+    data = ct.load_data(run, files, None, FLAGS.tokenize_style or "space")
     epochs = tu.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
 
     # --------------------------------------------------------------------- model
@@ -43,17 +45,18 @@ def main(_):
         classifier = ct.build_and_compile(model.build_backbone(config), len(data.labels),
                                           epochs * data.steps_per_epoch(),
                                           data.label_frequencies())
-    ct.save_run_files(run_dir, data, config)
+    ct.save_run_files(run, data, config)
     start = ct.evaluate(classifier, data, "valid")
     print(f"before training: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f}")
 
     # ----------------------------------------------------------------------- fit
-    history = ct.train(classifier, data, run_dir, epochs)
+    history = ct.train(classifier, data, run, epochs)
 
     # -------------------------------------------------------------------- report
-    scores = ct.report(classifier, data, run_dir, history, "from scratch: validation F1")
+    scores = ct.report(classifier, data, run, history, "from scratch: validation F1")
+    run.finish(scores)
     tu.summary_line("scratch", backbone=FLAGS.backbone, **scores, initial_valid_loss=start["loss"],
-                    epochs=len(history), seconds=timer.seconds(), ckpt_dir=run_dir)
+                    epochs=len(history), seconds=timer.seconds(), ckpt_dir=run.path)
 
 
 def run_toy_task(strategy, preset: str, timer: tu.Timer) -> None:
@@ -62,7 +65,7 @@ def run_toy_task(strategy, preset: str, timer: tu.Timer) -> None:
                                             for i, n in enumerate((4000, 1000)))
     config = tu.config_from_flags(ct.TOY_VOCAB_SIZE, preset)
     with strategy.scope():
-        steps_per_epoch = -(-len(train_x) // FLAGS.batch_size)
+        steps_per_epoch = ct.steps_per_epoch(len(train_x))
         epochs = tu.epochs_to_run(test_mode_default=10, steps_per_epoch=steps_per_epoch)
         classifier = ct.build_and_compile(model.build_backbone(config), 1,
                                           epochs * steps_per_epoch, train_y.mean(axis=0))

@@ -1,9 +1,8 @@
 """Pieces every training script shares: distribution, optimiser, F1, callbacks, reports."""
 from __future__ import annotations
 
-import json
+import errno
 import os
-import shutil
 import sys
 import time
 from typing import Callable
@@ -57,6 +56,85 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                       "GPUs; multi_worker_mirrored: TF_CONFIG cluster; tpu).")
     flags.DEFINE_boolean("jit_compile", False, "Compile the train step with XLA.")
     flags.DEFINE_integer("seed", 42, "Random seed for splits, initialisation, shuffling, masking.")
+    flags.DEFINE_boolean("overwrite", False, "Replace what the run directory holds: a finished "
+                         "run, or an unfinished one made with other data or settings. Without "
+                         "it such a directory is refused, and rerunning an interrupted command "
+                         "resumes it. A test-mode run may replace an earlier finished test-mode "
+                         "run.")
+
+
+def validate_common_flags() -> None:
+    """Refuse, in one line each, the values of the shared flags that cannot work; called before
+    any file is read or written."""
+    import data_util_hdf5 as du
+
+    checks = [("batch_size", FLAGS.batch_size >= 1, "at least 1"),
+              ("learning_rate", FLAGS.learning_rate > 0, "above 0"),
+              ("dropout_keep_prob", 0 < FLAGS.dropout_keep_prob <= 1, "in (0, 1]"),
+              ("warmup_steps", (FLAGS.warmup_steps or 0) >= 0, "0 or more"),
+              ("decay_steps", FLAGS.decay_steps is None or FLAGS.decay_steps >= 1,
+               "at least 1"),
+              ("decay_rate", 0 < FLAGS.decay_rate <= 1, "in (0, 1]"),
+              ("weight_decay", FLAGS.weight_decay >= 0, "0 or more"),
+              ("process_num", FLAGS.process_num is None or FLAGS.process_num >= 1, "at least 1")]
+    check_flag_values(checks)
+    try:
+        du.check_encoding(FLAGS.encoding)
+    except du.DataError as error:
+        raise UsageError(str(error)) from None
+    if FLAGS.cache_dir:
+        check_writable_directory(FLAGS.cache_dir, "--cache_dir")
+
+
+def check_flag_values(checks: list[tuple[str, bool, str]]) -> None:
+    """`checks`: (flag name, whether its value is fine, what it must be)."""
+    for name, fine, wanted in checks:
+        if not fine:
+            raise UsageError(f"--{name}={FLAGS[name].value} must be {wanted}")
+
+
+def check_writable_directory(path: str, flag: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag}={path} is a file; give a directory")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(os.path.abspath(probe))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}={path} is not writable; choose another directory")
+
+
+def run_dir_flag(name: str) -> str:
+    """A run-directory flag's value. In test mode its default gains a test_ prefix (runs/lm ->
+    runs/test_lm), so a quick trial never touches the model a real run left there."""
+    value = FLAGS[name].value
+    if FLAGS.test_mode and not FLAGS[name].present:
+        head, tail = os.path.split(os.path.normpath(value))
+        value = os.path.join(head, f"test_{tail}")
+    return value
+
+
+# Flags that change where things go or how fast they run, not what a run computes: a run may
+# resume with other values of these.
+RESUME_NEUTRAL_FLAGS = {"ckpt_dir", "ckpt_dir_save", "overwrite", "process_num", "cache_dir",
+                        "data_path", "training_data_file", "valid_data_file", "test_data_file",
+                        "mask_lm_source_file", "pretrained_dir", "jit_compile",
+                        "distribution_strategy"}
+
+
+FOREIGN_FLAG_MODULES = ("absl", "tensorflow", "keras")
+
+
+def run_fingerprint(files: dict[str, str], **extra) -> dict:
+    """What a run's results depend on: the sha256 of each input file, every flag of this
+    project's modules and scripts (but RESUME_NEUTRAL_FLAGS), and `extra`. A run directory
+    resumes only under the same fingerprint."""
+    import data_util_hdf5 as du
+
+    values = {flag.name: flag.value for module, defined in FLAGS.flags_by_module_dict().items()
+              if not module.startswith(FOREIGN_FLAG_MODULES) for flag in defined
+              if flag.name not in RESUME_NEUTRAL_FLAGS}
+    return {"files": {name: du.file_fingerprint(path) for name, path in files.items()},
+            **values, **extra}
 
 
 def define_model_flags(default_backbone: str = "textcnn") -> None:
@@ -128,9 +206,14 @@ def get_distribution_strategy(name: str) -> tf.distribute.Strategy:
     if name == "multi_worker_mirrored":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as error:
+            raise UsageError(f"--distribution_strategy=tpu: no TPU found "
+                             f"({str(error).splitlines()[0][:100]}); run on a TPU host or drop "
+                             "the flag") from None
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"--distribution_strategy={name!r} is not one of {', '.join(STRATEGIES)}")
 
@@ -309,60 +392,9 @@ class SetBackboneScale(keras.callbacks.Callback):
                                             else self.optimizer.scale)
 
 
-class SaveBest(keras.callbacks.Callback):
-    """Calls `save()` whenever `monitor` improves; remembers the best value across resumes."""
-
-    def __init__(self, monitor: str, mode: str, save: Callable[[], None], state_file: str):
-        super().__init__()
-        self.monitor, self.mode, self.save, self.state_file = monitor, mode, save, state_file
-        self.best = read_json(state_file, {}).get("best") if os.path.exists(state_file) else None
-
-    def improved(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value < self.best if self.mode == "min" else value > self.best
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is not None and self.improved(float(value)):
-            self.best = float(value)
-            self.save()
-            write_json(self.state_file, {"best": self.best, "epoch": epoch + 1,
-                                         "monitor": self.monitor})
-            print(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved")
-
-
-class HistoryFile(keras.callbacks.Callback):
-    """Keeps history.json up to date each epoch, continuing the file when a run resumes."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-
-    def on_epoch_end(self, epoch, logs=None):
-        history = read_json(self.path, [])
-        history = [h for h in history if h["epoch"] < epoch + 1]
-        history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
-        write_json(self.path, history)
-
-
 # ----------------------------------------------------------------------------- utilities
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
-
-
-def write_json(path: str, value) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
-
-
-def read_json(path: str, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def head_file(source: str, num_lines: int, target: str, encoding: str = "utf-8") -> str:
@@ -421,13 +453,29 @@ def guard(main: Callable) -> Callable:
     import data_util_hdf5 as du
     import model
 
-    user_errors = (du.DataError, model.ConfigError, model.BackboneMismatchError, UsageError)
+    import run_directory as rd
+
+    user_errors = (du.DataError, model.ConfigError, model.BackboneMismatchError, UsageError,
+                   rd.RunError)
 
     def guarded(argv):
         try:
             return main(argv)
+        except du.DiskFullError as error:
+            # straight out: a normal shutdown would free the failed write's HDF5 objects, which
+            # can crash the interpreter after the message
+            rd.release_all()
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
         except user_errors as error:
             fail(str(error))
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+                raise
+            where = f"{error.filename}: " if error.filename else ""
+            fail(f"{where}{error.strerror or error}; free disk space or fix the permissions, "
+                 "then rerun the same command (an interrupted run resumes)")
     return guarded
 
 
@@ -439,16 +487,3 @@ def fail(message: str) -> None:
     """Stop a script with one clear line instead of a traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def prepare_run_dir(run_dir: str, results: list[str]) -> str:
-    """Create the run directory. A finished earlier run's `results` (and logs) are cleared so
-    they cannot mix with this one; a half-finished run (backup/ present) is kept so it resumes."""
-    if os.path.isdir(run_dir) and not os.path.isdir(os.path.join(run_dir, "backup")):
-        for name in results:
-            path = os.path.join(run_dir, name)
-            if os.path.exists(path):
-                os.remove(path)
-        shutil.rmtree(os.path.join(run_dir, "logs"), ignore_errors=True)
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir

@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data_util_hdf5 as du  # noqa: E402
+import run_directory as rd  # noqa: E402
 import train_util as tu  # noqa: E402
 from data.prepare import ensure_sample_data  # noqa: E402
 
@@ -217,15 +218,16 @@ def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bo
     run_dir = os.path.join(WORK, name)
     record = os.path.join(run_dir, "benchmark_pretraining.json")
     if resume and os.path.exists(record):
-        return tu.read_json(record)
+        return rd.read_json_file(record)
     start = time.time()
     values = run_script("train_bert_lm.py", [f"--backbone={backbone}", f"--ckpt_dir={run_dir}",
                                              f"--mask_lm_source_file={corpus}",
-                                             "--sequence_length_lm=64", *flags], name)
+                                             "--sequence_length_lm=64", "--overwrite=True",
+                                             *flags], name)
     values["seconds"] = round(time.time() - start, 1)
     values["flags"] = " ".join(flags)
     values["run_dir"] = run_dir
-    tu.write_json(record, values)
+    rd.write_json_file(record, values)
     return values
 
 
@@ -242,14 +244,16 @@ def run_one(kind: str, backbone: str, task: str, budget: str, files: dict, setti
     if pretrained_dir:
         values = run_script("train_bert_fine_tuning.py",
                             [*common, f"--pretrained_dir={pretrained_dir}",
-                             *settings["pretrained_flags"], f"--ckpt_dir_save={run_dir}"],
+                             *settings["pretrained_flags"], f"--ckpt_dir_save={run_dir}",
+                             "--overwrite=True"],
                             f"{task}_{budget}_{tag}")
     else:
         values = run_script("train_transform.py",
                             [*common, f"--backbone={backbone}", *settings["model"][backbone],
-                             f"--learning_rate={lr}", f"--ckpt_dir_save={run_dir}"],
+                             f"--learning_rate={lr}", f"--ckpt_dir_save={run_dir}",
+                             "--overwrite=True"],
                             f"{task}_{budget}_{tag}")
-    history = tu.read_json(os.path.join(run_dir, "history.json"))
+    history = rd.read_json_file(os.path.join(run_dir, "history.json"))
     run = {"seed": seed, "lr": lr, "test_f1": float(values["test_f1"]),
            "test_micro_f1": float(values["test_micro_f1"]),
            "test_macro_f1": float(values["test_macro_f1"]),
@@ -435,8 +439,8 @@ def write_reports(results: dict, pretraining: dict, settings_name: str, seconds:
 
 
 def replot(suffix: str) -> None:
-    results = tu.read_json(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json"))
-    meta = tu.read_json(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json"))
+    results = rd.read_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json"))
+    meta = rd.read_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json"))
     print(write_reports(results, meta["pretraining"], meta["settings"], meta["seconds"], suffix,
                         meta.get("pretrain_budgets")))
     print(summary(results))
@@ -537,8 +541,8 @@ def main() -> None:
     results_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json")
     meta_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json")
     resumed = args.resume and os.path.exists(results_path)
-    results: dict = tu.read_json(results_path) if resumed else {}
-    meta: dict = tu.read_json(meta_path, {}) if resumed else {}
+    results: dict = rd.read_json_file(results_path) if resumed else {}
+    meta: dict = rd.read_json_file(meta_path, {}) if resumed else {}
     study = meta.get("pretrain_budgets", {})
     pretraining = {**meta.get("pretraining", {}), **pretraining}
 
@@ -548,8 +552,8 @@ def main() -> None:
         seconds = sum(float(p["seconds"]) for p in pretraining.values()) + sum(
             r.get("seconds_all_lr", r["seconds"]) for t in results for b in results[t]
             for r in results[t][b].values())
-        tu.write_json(results_path, results)
-        tu.write_json(meta_path, {"settings": "quick" if args.quick else "full",
+        rd.write_json_file(results_path, results)
+        rd.write_json_file(meta_path, {"settings": "quick" if args.quick else "full",
                                   "pretraining": pretraining, "seconds": round(seconds),
                                   "cpu_count": os.cpu_count(), "pretrain_budgets": study,
                                   "flags": {k: v for k, v in settings.items()}})

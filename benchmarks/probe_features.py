@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 import data_util_hdf5 as du  # noqa: E402
 import model  # noqa: E402
-import train_util as tu  # noqa: E402
+import run_directory as rd  # noqa: E402
 
 
 def encode(path: str, vocab: du.Vocabulary, style: str, length: int):
@@ -62,12 +62,13 @@ def main() -> None:
     parser.add_argument("--valid", required=True)
     parser.add_argument("--sequence_length", type=int, default=64)
     args = parser.parse_args()
-    vocab = du.Vocabulary.load(os.path.join(args.pretrained_dir, "vocab.txt"))
-    style = tu.read_json(os.path.join(args.pretrained_dir, "data_config.json"),
-                         {}).get("tokenize_style", "space")
+    run = rd.open_finished(args.pretrained_dir, "pretrain", "--pretrained_dir")
+    vocab = du.Vocabulary.load(run.verified(rd.VOCAB))
+    style = run.read_json_object(rd.DATA_CONFIG)["tokenize_style"]
     train = encode(args.train, vocab, style, args.sequence_length)
     valid = encode(args.valid, vocab, style, args.sequence_length)
-    pretrained, config = model.load_backbone(args.pretrained_dir)
+    pretrained, config = model.load_backbone(run.verified(rd.CONFIG),
+                                             run.verified(rd.BACKBONE_WEIGHTS))
     keras.utils.set_random_seed(0)
     random_init = model.build_backbone(config)
     scores = {}

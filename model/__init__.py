@@ -2,7 +2,7 @@
 from .backbone import INPUT_NAMES, backbone_inputs, build_backbone, get_token_embedding
 from .config import PRESETS, ConfigError, ModelConfig, check_sequence_length, config_from_preset
 from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead, one_hot_gather
-from .io import BackboneMismatchError, load_backbone, save_backbone
+from .io import BackboneMismatchError, load_backbone
 from .layers import Embeddings, Pooler, TextCNNEncoder, TransformerBlock
 from .tasks import (MaskedLMAccuracy, build_classifier, build_pretraining_model,
                     compile_classifier, compile_pretraining_model, masked_lm_loss,

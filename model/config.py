@@ -65,12 +65,6 @@ class ModelConfig:
                               "project?")
         return cls(**values)
 
-    def to_json(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
-
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":
         try:

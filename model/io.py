@@ -1,4 +1,4 @@
-"""Save exactly the backbone; load exactly the backbone, or fail saying what does not match."""
+"""Load exactly the backbone, or fail saying what does not match."""
 from __future__ import annotations
 
 import os
@@ -10,32 +10,19 @@ import keras
 from .backbone import build_backbone
 from .config import ConfigError, ModelConfig
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "backbone.weights.h5"
-
 
 class BackboneMismatchError(ValueError):
     """The saved backbone does not fit what is being built; the message says what differs."""
 
 
-def save_backbone(backbone: keras.Model, config: ModelConfig, directory: str) -> None:
-    """Write `directory/config.json` and `directory/backbone.weights.h5`, each atomically."""
-    os.makedirs(directory, exist_ok=True)
-    config.to_json(os.path.join(directory, CONFIG_FILE))
-    tmp = os.path.join(directory, f"tmp_{os.getpid()}_{WEIGHTS_FILE}")
-    backbone.save_weights(tmp)
-    os.replace(tmp, os.path.join(directory, WEIGHTS_FILE))
-
-
-def load_backbone(directory: str, expected_vocab_size: int | None = None,
+def load_backbone(config_file: str, weights_file: str, expected_vocab_size: int | None = None,
                   dropout: float | None = None) -> tuple[keras.Model, ModelConfig]:
-    """Build the backbone that `directory/config.json` describes and load its weights.
+    """Build the backbone that `config_file` describes and load `weights_file` into it.
 
     `dropout` replaces the saved rate (a fine-tuning choice; it changes no weight). Raises
     BackboneMismatchError when a file is missing, the vocabulary size differs from
     `expected_vocab_size`, or any weight's name or shape differs: nothing is skipped.
     """
-    config_file = os.path.join(directory, CONFIG_FILE)
-    weights_file = os.path.join(directory, WEIGHTS_FILE)
     for path in (config_file, weights_file):
         if not os.path.exists(path):
             raise BackboneMismatchError(f"{path} is missing; point the flag at the --ckpt_dir "

@@ -25,7 +25,9 @@ def write(path, text: str, encoding: str = "utf-8") -> str:
     ("我 爱 北京", ("我 爱 北京", [])),
     ("__label__a __label__b", ("", ["a", "b"])),
     ("w1 w2 __label__l1 __label__l5", ("w1 w2", ["l1", "l5"])),
-    ("text __label__ a  __label__  __label__b\t", ("text", ["a", "b"])),
+    ("text __label__  __label__b\t", ("text", ["b"])),
+    ("__label__a some text", ("some text", ["a"])),
+    ("some __label__a text __label__b", ("some text", ["a", "b"])),
     ("text __label__a __label__a", ("text", ["a"])),
     ("  padded text  __label__x", ("padded text", ["x"])),
 ])

@@ -141,7 +141,7 @@ def test_config_json_round_trip_presets_and_errors(tmp_path):
         128, 16, 8, 6, 512)
     assert model.config_from_preset("tiny").d_model == 64
     assert model.config_from_preset("big").d_k == 64
-    config.to_json(str(tmp_path / "config.json"))
+    write_config(config, tmp_path / "config.json")
     assert model.ModelConfig.from_json(str(tmp_path / "config.json")) == config
     with pytest.raises(model.ConfigError, match="max_position"):
         config.check_sequence_length(config.max_position + 1)
@@ -152,12 +152,25 @@ def test_config_json_round_trip_presets_and_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------ save / load
+def save(net, config, directory) -> tuple[str, str]:
+    """config.json + backbone.weights.h5 in `directory`, as a pretraining run leaves them."""
+    config_file, weights_file = str(directory / "config.json"), str(directory / "backbone.weights.h5")
+    write_config(config, config_file)
+    net.save_weights(weights_file)
+    return config_file, weights_file
+
+
+def write_config(config, path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f)
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_save_then_load_gives_identical_outputs(backbone, tmp_path):
     config = tiny_config(backbone)
     net = model.build_backbone(config)
-    model.save_backbone(net, config, str(tmp_path))
-    loaded, loaded_config = model.load_backbone(str(tmp_path), expected_vocab_size=50)
+    loaded, loaded_config = model.load_backbone(*save(net, config, tmp_path),
+                                                expected_vocab_size=50)
     assert loaded_config == config
     x = inputs_for(random_ids(2, 6))
     for key in ("sequence_output", "pooled_output"):
@@ -166,18 +179,18 @@ def test_save_then_load_gives_identical_outputs(backbone, tmp_path):
 
 def test_loading_fails_loudly_on_any_mismatch(tmp_path):
     config = tiny_config("transformer")
-    model.save_backbone(model.build_backbone(config), config, str(tmp_path))
+    files = save(model.build_backbone(config), config, tmp_path)
     with pytest.raises(model.BackboneMismatchError, match="vocab_size 50 .* 60 tokens"):
-        model.load_backbone(str(tmp_path), expected_vocab_size=60)
+        model.load_backbone(*files, expected_vocab_size=60)
     # a config.json that no longer matches the weights beside it
-    tiny_config("transformer", d_ff=48).to_json(str(tmp_path / "config.json"))
+    write_config(tiny_config("transformer", d_ff=48), files[0])
     with pytest.raises(model.BackboneMismatchError, match="shape of"):
-        model.load_backbone(str(tmp_path))
-    tiny_config("transformer", num_layer=3).to_json(str(tmp_path / "config.json"))
+        model.load_backbone(*files)
+    write_config(tiny_config("transformer", num_layer=3), files[0])
     with pytest.raises(model.BackboneMismatchError, match="missing"):
-        model.load_backbone(str(tmp_path))
+        model.load_backbone(*files)
     with pytest.raises(model.BackboneMismatchError, match="train_bert_lm.py"):
-        model.load_backbone(str(tmp_path / "nowhere"))
+        model.load_backbone(str(tmp_path / "nowhere.json"), files[1])
 
 
 # ----------------------------------------------------------------------------- XLA

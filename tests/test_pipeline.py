@@ -79,7 +79,8 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(pretrained, fine_tuned)
     import predict
     import model
 
-    saved, config = model.load_backbone(pretrained[0])
+    saved, config = model.load_backbone(os.path.join(pretrained[0], "config.json"),
+                                        os.path.join(pretrained[0], "backbone.weights.h5"))
     tuned = predict.Predictor(fine_tuned[0]).classifier.get_layer("backbone")
     fresh = model.build_backbone(config)
     # Two epochs at a small learning rate move the weights a little; a fresh start would be
@@ -119,7 +120,7 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path):
         assert [sorted(json.loads(line)["labels"]) for line in out] == [
             sorted(labels[i] for i in np.flatnonzero(row)) for row in chosen]
     missing = run("predict.py", f"--ckpt_dir={tmp_path}", stdin="x\n", check=False)
-    assert missing.returncode != 0 and "config.json is missing" in missing.stderr
+    assert missing.returncode == 2 and "is not a run directory of" in missing.stderr
     assert "Traceback" not in missing.stderr
     gbk_stdin = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"),
                                 f"--ckpt_dir={run_dir}"], input="北京\n".encode("gb18030"),
@@ -146,11 +147,11 @@ def test_from_scratch_and_toy_task_summaries(tmp_path):
 
 def test_many_labels_start_at_their_priors_and_a_stalled_run_stops(tmp_path):
     """On the 200-label task a fresh head at p = 0.5 would cost ln 2 per label; at the priors
-    the start is a fraction of that. A learning rate of 0 cannot improve validation F1, so
-    patience 1 stops after the second epoch."""
+    the start is a fraction of that. A learning rate of 1e-12 (0 is refused) moves no float32
+    weight enough to change validation F1, so patience 1 stops after the second epoch."""
     run_dir = tmp_path / "many"
     result = run("train_transform.py", "--test_mode=True", "--task=mentions", "--num_epochs=6",
-                 "--learning_rate=0", "--early_stopping_patience=1", "--sequence_length=64",
+                 "--learning_rate=1e-12", "--early_stopping_patience=1", "--sequence_length=64",
                  f"--ckpt_dir_save={run_dir}")
     values = summary(result.stdout, "scratch")
     labels = open(run_dir / "labels.txt", encoding="utf-8").read().splitlines()
@@ -164,24 +165,29 @@ def test_a_killed_pretraining_resumes_where_it_stopped(tmp_path):
     flags = ["--test_mode=True", f"--ckpt_dir={run_dir}", "--num_epochs=3"]
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_bert_lm.py"), *flags],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    history_file = os.path.join(run_dir, "history.json")
+    backup_state = os.path.join(run_dir, "backup", "state.json")
     deadline = time.time() + 300
-    while not os.path.exists(history_file) and time.time() < deadline and process.poll() is None:
+    while not os.path.exists(backup_state) and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert os.path.exists(history_file), "the first epoch never finished"
+    assert os.path.exists(backup_state), "the first epoch never finished"
+    # a second run cannot start while the first holds the directory; the dead one's lock is
+    # taken over, not obeyed
     result = run("train_bert_lm.py", *flags)
+    assert "resuming from epoch 1 of 3" in result.stdout
     assert "Epoch 1/3" not in result.stdout and "Epoch 3/3" in result.stdout
-    history = json.load(open(history_file, encoding="utf-8"))
+    history = json.load(open(os.path.join(run_dir, "history.json"), encoding="utf-8"))
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    manifest = json.load(open(os.path.join(run_dir, "run.json"), encoding="utf-8"))
+    assert manifest["status"] == "finished" and not os.path.exists(os.path.join(run_dir, "lock"))
 
 
 def test_bad_flags_and_files_end_in_one_line(tmp_path):
     missing = run("train_bert_fine_tuning.py", f"--pretrained_dir={tmp_path / 'nothing'}",
                   check=False)
-    assert missing.returncode != 0
-    assert "run train_bert_lm.py first" in missing.stderr
+    assert missing.returncode == 2
+    assert "is not a run directory of train_bert_lm.py" in missing.stderr
     assert "Traceback" not in missing.stderr
     train = tmp_path / "train.txt"
     train.write_text("北京 __label__a\n上海 __label__b\n", encoding="utf-8")
@@ -189,6 +195,44 @@ def test_bad_flags_and_files_end_in_one_line(tmp_path):
                    f"--ckpt_dir_save={tmp_path / 'run'}", check=False)
     assert no_valid.returncode == 2 and "Traceback" not in no_valid.stderr
     assert no_valid.stderr.strip().splitlines()[-1].startswith("error: --valid_data_file is needed")
+
+
+def test_a_killed_classifier_resumes_and_other_data_is_refused(tmp_path):
+    run_dir = str(tmp_path / "s")
+    flags = ["--test_mode=True", f"--ckpt_dir_save={run_dir}", "--num_epochs=3",
+             "--early_stopping_patience=0", "--task=sentiment"]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_transform.py"), *flags],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backup_weights = os.path.join(run_dir, "backup", "epoch-0001.weights.h5")
+    deadline = time.time() + 300
+    while not os.path.exists(backup_weights) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)  # between the backup's weights and its state file
+    process.wait()
+    assert os.path.exists(backup_weights), "the first epoch never finished"
+    other = run("train_transform.py", *flags[:-1], "--task=entities", check=False)
+    assert other.returncode == 2 and "unfinished run made with other data" in other.stderr
+    result = run("train_transform.py", *flags)
+    assert "Epoch 3/3" in result.stdout
+    history = json.load(open(os.path.join(run_dir, "history.json"), encoding="utf-8"))
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert float(summary(result.stdout, "scratch")["test_f1"]) > 0
+
+
+def test_hostile_input_ends_in_one_line(pretrained, fine_tuned, tmp_path):
+    """The fast half of benchmarks/bench_robustness.py: each case exits 2 with one line."""
+    from concurrent.futures import ThreadPoolExecutor
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_robustness as br
+    cases = [case for case in br.catalogue({"lm": pretrained[0], "ft": fine_tuned[0]})
+             if not case.trains]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda case: br.run_case(case, str(tmp_path)), cases))
+    finally:
+        br.unmount_all()
+    assert len(results) >= 28
+    assert [r for r in results if not r["clean"]] == []
 
 
 def test_pretraining_runs_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
