@@ -470,6 +470,10 @@ def guard(main: Callable) -> Callable:
             os._exit(2)
         except user_errors as error:
             fail(str(error))
+        except KeyboardInterrupt:
+            print("\ninterrupted: rerun the same command to resume after the last complete "
+                  "epoch", file=sys.stderr)
+            sys.exit(130)
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
                 raise

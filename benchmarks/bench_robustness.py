@@ -52,6 +52,7 @@ class Case:
     prefix: list[str] = field(default_factory=list)
     after: Callable[[], str | None] | None = None  # a problem left behind, or None
     trains: bool = False  # reaches training before it fails (too slow for the test suite)
+    own_process: bool = False  # cannot share a process with other cases
 
 
 def without_file_permissions() -> list[str]:
@@ -172,10 +173,10 @@ def catalogue(shared: dict) -> list[Case]:
         cases += [
             Case("disk full while writing a cache", "train_bert_lm.py",
                  [*lm_flags, "--cache_dir={tmp}/full", "--ckpt_dir={tmp}/lm"], "disk space",
-                 lambda tmp: small_disk(f"{tmp}/full")),
+                 lambda tmp: small_disk(f"{tmp}/full"), own_process=True),
             Case("disk full while writing a checkpoint", "train_bert_lm.py",
                  [*lm_flags, "--ckpt_dir={tmp}/full/lm"], "disk space",
-                 lambda tmp: small_disk(f"{tmp}/full", "3m"), trains=True),
+                 lambda tmp: small_disk(f"{tmp}/full", "3m"), trains=True, own_process=True),
         ]
     return cases
 
@@ -235,19 +236,78 @@ def unmount_all() -> None:
 
 
 def run_case(case: Case, scratch: str) -> dict:
+    """One case in a process of its own, exactly as a user runs it."""
+    tmp, flags = prepare(case, scratch)
+    result = run_script(case.script, flags, case.prefix)
+    return judge(case, result.returncode, result.stderr)
+
+
+def prepare(case: Case, scratch: str) -> tuple[str, list[str]]:
     tmp = tempfile.mkdtemp(dir=scratch)
     if case.setup:
         case.setup(tmp)
-    flags = [f.replace("{tmp}", tmp) for f in case.flags]
-    result = run_script(case.script, flags, case.prefix)
-    lines = result.stderr.strip().splitlines()
+    return tmp, [f.replace("{tmp}", tmp) for f in case.flags]
+
+
+def judge(case: Case, returncode: int, stderr: str) -> dict:
+    lines = stderr.strip().splitlines()
     last = lines[-1] if lines else ""
-    traceback = "Traceback" in result.stderr or result.returncode not in (0, 2)
+    traceback = "Traceback" in stderr or returncode not in (0, 2)
     left = case.after() if case.after else None
-    clean = (result.returncode == 2 and not traceback and last.startswith("error: ")
+    clean = (returncode == 2 and not traceback and last.startswith("error: ")
              and case.expect in last and left is None)
     return {"case": case.name, "clean": clean, "traceback": traceback,
-            "returncode": result.returncode, "last_line": (left or last)[:300]}
+            "returncode": returncode, "last_line": (left or last)[:300]}
+
+
+# Several command lines of one script in one process, each through the script's own guarded
+# main with its flags parsed afresh: the same exit status and error line a user gets, without
+# paying TensorFlow's import once a case (the test suite runs the catalogue this way).
+_BATCH_DRIVER = """
+import contextlib, importlib, io, json, sys, traceback
+sys.path.insert(0, {root!r})
+from absl import flags
+import train_util as tu
+script = importlib.import_module({module!r})
+results = []
+for argv in json.loads(sys.stdin.read()):
+    flags.FLAGS.unparse_flags()
+    captured, code = io.StringIO(), 0
+    with contextlib.redirect_stderr(captured):
+        try:
+            flags.FLAGS([{module!r} + ".py", *argv])
+            tu.guard(script.main)([{module!r}])
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({{"returncode": code, "stderr": captured.getvalue()}})
+print("BATCH_RESULTS " + json.dumps(results))
+"""
+
+
+def run_cases_batched(cases: list[Case], scratch: str) -> list[dict]:
+    """`run_case` for every case, those of one script sharing a process where they can (not
+    under a permission-dropping prefix, not the disk-full ones, which end with os._exit)."""
+    results: dict[int, dict] = {}
+    groups: dict[str, list[int]] = {}
+    for i, case in enumerate(cases):
+        if case.prefix or case.own_process:
+            results[i] = run_case(case, scratch)
+        else:
+            groups.setdefault(case.script, []).append(i)
+    for script, members in groups.items():
+        argvs = [prepare(cases[i], scratch)[1] for i in members]
+        code = _BATCH_DRIVER.format(root=ROOT, module=script.removesuffix(".py"))
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=json.dumps(argvs),
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        marked = [line for line in done.stdout.splitlines() if line.startswith("BATCH_RESULTS ")]
+        if not marked:
+            raise RuntimeError(f"batch of {script} failed: {done.stderr[-2000:]}")
+        for i, outcome in zip(members, json.loads(marked[-1].split(" ", 1)[1])):
+            results[i] = judge(cases[i], outcome["returncode"], outcome["stderr"])
+    return [results[i] for i in range(len(cases))]
 
 
 def make_shared_runs(scratch: str) -> dict:
