@@ -609,7 +609,7 @@ def write_hdf5_atomically(path: str, write_fn: Callable[[h5py.File], None],
             _fsync(temporary)
             os.replace(temporary, path)
         except BaseException as error:
-            _remove_quietly(temporary)
+            remove_quietly(temporary)
             if is_disk_full(error):
                 raise DiskFullError(f"{path}: no space left on the device for this cache; free "
                                     "disk space or point --cache_dir at a larger disk, then "
@@ -630,18 +630,18 @@ def open_valid_cache(path: str, fingerprint: str) -> bool:
     if not valid:
         print(f"warning: {path}: incomplete or foreign cache file; deleting it and rebuilding",
               file=sys.stderr)
-        _remove_quietly(path)
+        remove_quietly(path)
     return valid
 
 
 def _remove_orphaned_temporaries(path: str) -> None:
     for temporary in glob.glob(glob.escape(path) + ".*.tmp"):
         pid = temporary[len(path) + 1:-len(".tmp")]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            _remove_quietly(temporary)
+        if pid.isdigit() and not process_alive(int(pid)):
+            remove_quietly(temporary)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -656,7 +656,7 @@ def _fsync(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
     try:
         os.remove(path)
     except FileNotFoundError:

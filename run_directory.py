@@ -100,7 +100,7 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
                 os.fsync(f.fileno())
             os.replace(temporary, path)
         except BaseException as error:
-            _remove_quietly(temporary)
+            du.remove_quietly(temporary)
             if du.is_disk_full(error):
                 raise du.DiskFullError(f"{path}: no space left on the device; free disk space, "
                                        "then rerun the same command to resume") from None
@@ -153,30 +153,13 @@ def sweep_temporaries(directory: str) -> int:
     removed = 0
     for path in glob.glob(os.path.join(glob.escape(directory), f"{TEMPORARY_PREFIX}*")):
         pid = os.path.basename(path)[len(TEMPORARY_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not process_alive(int(pid)):
+        if pid.isdigit() and not du.process_alive(int(pid)):
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                _remove_quietly(path)
+                du.remove_quietly(path)
             removed += 1
     return removed
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 # ---------------------------------------------------------------------------- the run
@@ -241,7 +224,7 @@ class Run:
 
     def release(self) -> None:
         if self._locked:
-            _remove_quietly(self.file(LOCK))
+            du.remove_quietly(self.file(LOCK))
             self._locked = False
 
     def _save_manifest(self) -> None:
@@ -350,7 +333,7 @@ def _lock(run: Run, flag: str) -> None:
             if holder is not None:
                 raise RunError(f"{flag}={run.path} is in use by another run (PID {holder}, see "
                                f"{lock}); wait for it to end or choose another directory")
-            _remove_quietly(lock)  # its holder was killed
+            du.remove_quietly(lock)  # its holder was killed
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me + "\n")
@@ -373,7 +356,7 @@ def _read_lock(lock: str) -> str | None:
         return None
     if host and host != socket.gethostname():
         return f"{pid} on {host}"  # cannot tell whether it lives: assume it does
-    return pid if process_alive(int(pid)) and int(pid) != os.getpid() else None
+    return pid if du.process_alive(int(pid)) and int(pid) != os.getpid() else None
 
 
 def _decide(run: Run, fingerprint: dict, overwrite: bool, flag: str, test_run: bool) -> bool:
@@ -420,7 +403,7 @@ def _describe(manifest: dict) -> str:
 
 def _clear(run: Run) -> None:
     for name in ARTEFACTS + (MANIFEST,):
-        _remove_quietly(run.file(name))
+        du.remove_quietly(run.file(name))
     for name in ARTEFACT_DIRS:
         shutil.rmtree(run.file(name), ignore_errors=True)
 
@@ -465,7 +448,7 @@ class EpochBackup(keras.callbacks.Callback):
                         {"epoch": epoch, "weights": name, "training_done": done,
                          **self.best.state()})
         if previous.get("weights") not in (None, name):
-            _remove_quietly(os.path.join(self.directory, previous["weights"]))
+            du.remove_quietly(os.path.join(self.directory, previous["weights"]))
 
 
 def restore(run: Run, model: keras.Model, epochs: int) -> tuple[int, bool, dict]:

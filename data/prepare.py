@@ -218,7 +218,7 @@ def build_sample_data(root: Path, seed: int = 42) -> None:
 def _remove_dead_workdirs(root: Path) -> None:
     for work in root.glob(".building-*"):
         pid = work.name.split("-", 1)[1]
-        if pid.isdigit() and not du._process_alive(int(pid)):
+        if pid.isdigit() and not du.process_alive(int(pid)):
             shutil.rmtree(work, ignore_errors=True)
 
 

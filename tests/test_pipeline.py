@@ -160,18 +160,23 @@ def test_many_labels_start_at_their_priors_and_a_stalled_run_stops(tmp_path):
     assert values["epochs"] == "2"
 
 
+def kill_when_written(script: str, flags: list[str], artefact: str) -> None:
+    """Start `script`, SIGKILL it the moment `artefact` exists (not after a guessed delay)."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(artefact) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert os.path.exists(artefact), f"{artefact} never appeared"
+
+
 def test_a_killed_pretraining_resumes_where_it_stopped(tmp_path):
     run_dir = str(tmp_path / "lm")
     flags = ["--test_mode=True", f"--ckpt_dir={run_dir}", "--num_epochs=2"]
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_bert_lm.py"), *flags],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     backup_state = os.path.join(run_dir, "backup", "state.json")
-    deadline = time.time() + 300
-    while not os.path.exists(backup_state) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert os.path.exists(backup_state), "the first epoch never finished"
+    kill_when_written("train_bert_lm.py", flags, backup_state)
     # the killed run's lock is taken over, not obeyed
     result = run("train_bert_lm.py", *flags)
     assert "resuming from epoch 1 of 2" in result.stdout
@@ -200,15 +205,9 @@ def test_a_killed_classifier_resumes_and_other_data_is_refused(tmp_path):
     run_dir = str(tmp_path / "s")
     flags = ["--test_mode=True", f"--ckpt_dir_save={run_dir}", "--num_epochs=2",
              "--early_stopping_patience=0", "--task=sentiment"]
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_transform.py"), *flags],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    backup_weights = os.path.join(run_dir, "backup", "epoch-0001.weights.h5")
-    deadline = time.time() + 300
-    while not os.path.exists(backup_weights) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)  # between the backup's weights and its state file
-    process.wait()
-    assert os.path.exists(backup_weights), "the first epoch never finished"
+    # between the backup's weights and its state file
+    kill_when_written("train_transform.py", flags,
+                      os.path.join(run_dir, "backup", "epoch-0001.weights.h5"))
     other = run("train_transform.py", *flags[:-1], "--task=entities", check=False)
     assert other.returncode == 2 and "unfinished run made with other data" in other.stderr
     result = run("train_transform.py", *flags)
