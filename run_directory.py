@@ -130,10 +130,7 @@ def write_directory_atomically(path: str, write: Callable[[str], None]) -> None:
 
 
 def write_json_file(path: str, value) -> None:
-    def write(temporary: str) -> None:
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(value, f, ensure_ascii=False, indent=1)
-    write_atomically(path, write)
+    write_atomically(path, lambda temporary: _dump_json(temporary, value))
 
 
 def read_json_file(path: str, default=None):
