@@ -88,27 +88,26 @@ class Predictor:
         return np.array(rows, np.int32)
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
-        ids = self.encode(texts)
-        features = {"token_ids": ids, "segment_ids": np.zeros_like(ids),
-                    "padding_mask": (ids != du.PAD_ID).astype(np.int32)}
-        return tu.sigmoid(self.classifier.predict(features, verbose=0))
+        return tu.sigmoid(model.predict_logits(self.classifier, self.encode(texts), 64))
 
     def export(self, export_dir: str) -> None:
-        import keras
-        import tensorflow as tf
+        export_classifier(self.classifier, export_dir)
 
-        classifier = self.classifier
 
-        def serve(token_ids):
-            features = {"token_ids": token_ids, "segment_ids": tf.zeros_like(token_ids),
-                        "padding_mask": tf.cast(token_ids != du.PAD_ID, tf.int32)}
-            return {"probabilities": tf.sigmoid(classifier(features, training=False))}
+def export_classifier(classifier, export_dir: str) -> None:
+    """A SavedModel with endpoint `serve`: int32 token_ids [batch, length] -> probabilities."""
+    import keras
+    import tensorflow as tf
 
-        archive = keras.export.ExportArchive()
-        archive.track(classifier)
-        archive.add_endpoint("serve", serve, input_signature=[
-            tf.TensorSpec([None, None], tf.int32, name="token_ids")])
-        rd.write_directory_atomically(export_dir, archive.write_out)
+    def serve(token_ids):
+        features = model.single_segment_inputs(model.trim_padding(token_ids))
+        return {"probabilities": tf.sigmoid(classifier(features, training=False))}
+
+    archive = keras.export.ExportArchive()
+    archive.track(classifier)
+    archive.add_endpoint("serve", serve, input_signature=[
+        tf.TensorSpec([None, None], tf.int32, name="token_ids")])
+    rd.write_directory_atomically(export_dir, archive.write_out)
 
 
 def read_documents(path: str | None, encoding: str):

@@ -69,10 +69,10 @@ def run_toy_task(strategy, preset: str, timer: tu.Timer) -> None:
         epochs = tu.epochs_to_run(test_mode_default=10, steps_per_epoch=steps_per_epoch)
         classifier = ct.build_and_compile(model.build_backbone(config), 1,
                                           epochs * steps_per_epoch, train_y.mean(axis=0))
-    classifier.fit(ct.features(train_x), train_y, batch_size=FLAGS.batch_size, epochs=epochs,
-                   validation_data=(ct.features(test_x), test_y),
+    classifier.fit(model.single_segment_inputs(train_x), train_y, batch_size=FLAGS.batch_size,
+                   epochs=epochs, validation_data=(model.single_segment_inputs(test_x), test_y),
                    verbose=2)
-    logits = classifier.predict(ct.features(test_x), batch_size=FLAGS.batch_size, verbose=0)
+    logits = model.predict_logits(classifier, test_x, FLAGS.batch_size)
     accuracy = float(np.mean((logits[:, 0] > 0) == (test_y[:, 0] > 0.5)))
     tu.summary_line("toy_task", backbone=FLAGS.backbone, accuracy=accuracy,
                     seconds=timer.seconds())

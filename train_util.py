@@ -13,6 +13,8 @@ import tensorflow as tf
 from absl import flags
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
+import model
+
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "tpu")
 FLAGS = flags.FLAGS
 
@@ -366,13 +368,13 @@ class F1Evaluation(keras.callbacks.Callback):
     after training (an optimistic figure, for choosing the epoch; the test split reports honestly).
     """
 
-    def __init__(self, features: dict, gold: np.ndarray, batch_size: int, tune: bool = False):
+    def __init__(self, token_ids: np.ndarray, gold: np.ndarray, batch_size: int,
+                 tune: bool = False):
         super().__init__()
-        self.features, self.gold, self.batch_size, self.tune = features, gold, batch_size, tune
+        self.token_ids, self.gold, self.batch_size, self.tune = token_ids, gold, batch_size, tune
 
     def on_epoch_end(self, epoch, logs=None):
-        probabilities = sigmoid(self.model.predict(self.features, batch_size=self.batch_size,
-                                                   verbose=0))
+        probabilities = sigmoid(model.predict_logits(self.model, self.token_ids, self.batch_size))
         if logs is not None:
             thresholds = tune_thresholds(self.gold, probabilities) if self.tune else None
             scores = f1_scores(self.gold, probabilities, thresholds)

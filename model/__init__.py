@@ -1,9 +1,10 @@
 """Swappable backbones (Transformer, TextCNN), heads and task models. See DESIGN.md's contract."""
-from .backbone import INPUT_NAMES, backbone_inputs, build_backbone, get_token_embedding
+from .backbone import (INPUT_NAMES, PAD_ID, backbone_inputs, build_backbone, get_token_embedding,
+                       single_segment_inputs, trim_padding)
 from .config import PRESETS, ConfigError, ModelConfig, check_sequence_length, config_from_preset
 from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead, one_hot_gather
 from .io import BackboneMismatchError, load_backbone
-from .layers import Embeddings, Pooler, TextCNNEncoder, TransformerBlock
-from .tasks import (MaskedLMAccuracy, build_classifier, build_pretraining_model,
+from .layers import Embeddings, Pooler, SelfAttention, TextCNNEncoder, TransformerBlock
+from .tasks import (MaskedLMAccuracy, PretrainingModel, build_classifier, build_pretraining_model,
                     compile_classifier, compile_pretraining_model, masked_lm_loss,
-                    multilabel_loss, set_label_priors)
+                    multilabel_loss, predict_logits, set_label_priors)

@@ -2,11 +2,29 @@
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from .config import ModelConfig
 from .layers import Embeddings, Pooler, TextCNNEncoder, TransformerBlock
 
 INPUT_NAMES = ("token_ids", "segment_ids", "padding_mask")
+PAD_ID = 0  # the data layer's padding id; every other id is a real position
+
+
+def single_segment_inputs(token_ids) -> dict:
+    """The backbone's input dict for id rows [B,T] of one segment (a tensor or an array)."""
+    token_ids = tf.convert_to_tensor(token_ids, tf.int32)
+    return {"token_ids": token_ids, "segment_ids": tf.zeros_like(token_ids),
+            "padding_mask": tf.cast(token_ids != PAD_ID, tf.int32)}
+
+
+def trim_padding(token_ids: tf.Tensor, multiple: int = 8) -> tf.Tensor:
+    """Cut the padding columns after a batch's longest row (rounded up to `multiple`, so XLA
+    sees few shapes). Both backbones mask padding, so the real positions' outputs stay the same
+    and the padding is simply not computed."""
+    longest = tf.reduce_max(tf.reduce_sum(tf.cast(token_ids != PAD_ID, tf.int32), axis=1))
+    width = tf.minimum(-(-longest // multiple) * multiple, tf.shape(token_ids)[1])
+    return token_ids[:, :width]
 
 
 def backbone_inputs() -> dict[str, keras.KerasTensor]:

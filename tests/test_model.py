@@ -108,6 +108,39 @@ def test_appended_padding_changes_nothing(backbone):
                                atol=1e-5)
 
 
+def test_fused_attention_computes_what_keras_multi_head_attention_computes():
+    """The fused layer given Keras' MultiHeadAttention's weights gives its outputs, padding
+    masked, so the speed-up changes no maths."""
+    d_model, heads, d_k, d_v = 32, 4, 8, 6
+    reference = keras.layers.MultiHeadAttention(heads, d_k, value_dim=d_v, output_shape=d_model)
+    x = tf.random.normal((3, 9, d_model), seed=7)
+    padding = np.ones((3, 9), np.int32)
+    padding[1, 5:] = padding[2, 2:] = 0
+    expected = reference(x, x, attention_mask=padding[:, None, :].astype(bool)).numpy()
+    fused = model.SelfAttention(d_model, heads, d_k, d_v, dropout=0.0)
+    fused.build((None, None, d_model))
+    q, k, v = reference._query_dense, reference._key_dense, reference._value_dense
+    kernel = np.concatenate([dense.kernel.numpy().reshape(d_model, -1) for dense in (q, k, v)], 1)
+    bias = np.concatenate([dense.bias.numpy().reshape(-1) for dense in (q, k, v)])
+    fused.query_key_value.set_weights([kernel, bias])
+    out = reference._output_dense
+    fused.output_dense.set_weights([out.kernel.numpy().reshape(heads * d_v, d_model),
+                                    out.bias.numpy()])
+    np.testing.assert_allclose(fused(x, padding).numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_length_ordered_prediction_equals_one_padded_pass(backbone):
+    classifier = model.build_classifier(model.build_backbone(tiny_config(backbone)), 3, 0.0)
+    ids = random_ids(11, 20, seed=8)
+    for row, length in enumerate([20, 3, 17, 1, 9, 20, 5, 2, 12, 7, 1]):
+        ids[row, length:] = 0
+    expected = classifier.predict(inputs_for(ids), verbose=0)
+    np.testing.assert_allclose(model.predict_logits(classifier, ids, batch_size=4), expected,
+                               atol=1e-5)
+    assert model.trim_padding(tf.constant(ids[[1, 3, 7]])).shape == (3, 8)
+
+
 def test_masked_lm_head_is_tied_to_the_token_embedding():
     net = model.build_backbone(tiny_config("textcnn"))
     pretrainer = model.build_pretraining_model(net)
@@ -121,6 +154,7 @@ def test_masked_lm_head_is_tied_to_the_token_embedding():
 @pytest.mark.parametrize("layer", [
     model.Embeddings(50, 32, 64, 2, 0.1, 0.02, name="embeddings"),
     model.TransformerBlock(32, 4, 8, 8, 64, 0.1, 0.02, name="transformer_layer_0"),
+    model.SelfAttention(32, 4, 8, 8, 0.1, 0.02, name="self_attention"),
     model.TextCNNEncoder(32, (2, 3), 16, 0.1, 0.02, name="textcnn"),
     model.Pooler(32, "max_mean", False, 0.02, name="pooler"),
     model.NextSentenceHead(32, name="nsp_head"),
@@ -205,3 +239,26 @@ def test_trains_a_step_with_and_without_xla(backbone):
         model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(1e-3), True, jit)
         logs = pretrainer.train_on_batch(x, y, return_dict=True)
         assert np.isfinite(logs["loss"]) and "mlm_accuracy" in logs and "nsp_accuracy" in logs
+
+
+def test_training_batches_group_lengths_and_cover_every_example_once():
+    rng = np.random.default_rng(9)
+    lengths = rng.integers(1, 41, 300)
+    ids = np.zeros((300, 40), np.int32)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(5, 50, length)
+    ids[:, 0] = 2
+    gold = np.eye(3, dtype=np.uint8)[np.arange(300) % 3]
+    data = ct.ClassificationData(None, ["a", "b", "c"], "space", {"train": (ids, gold)},
+                                 batch_size=8)
+    seen, padded_widths = [], []
+    batches = list(data.dataset("train", shuffle=True, seed=1))
+    assert len(batches) == data.steps_per_epoch() <= 300 // 8 + 8
+    for features, labels in batches:
+        mask = features["padding_mask"].numpy()
+        real = mask.sum(axis=1)
+        assert features["token_ids"].shape[1] == -(-real.max() // 8) * 8  # cut, then rounded
+        seen += [tuple(row[:n]) for row, n in zip(features["token_ids"].numpy(), real)]
+        padded_widths.append(features["token_ids"].shape[1])
+    assert sorted(seen) == sorted(tuple(row[:n]) for row, n in zip(ids, lengths))
+    assert np.mean(padded_widths) < 0.8 * 40  # random batches of 8 would be nearly 40 wide

@@ -1,0 +1,313 @@
+"""Speed: our models against keras-hub's at the same shape, the machine's peak, the input
+pipeline, inference through the exported SavedModel and predict.py end to end.
+
+    python benchmarks/bench_speed.py            # about 30 min on 2 cores
+    python benchmarks/bench_speed.py --quick    # 3 repeats instead of 5, about 15 min
+
+Shape (issue 11, our `small` preset): Transformer d_model 128, d_ff 512, 6 layers, 8 heads,
+batch 64, length 200, 30 masked positions, vocabulary 30,000; keras-hub's BertMaskedLM and
+BertTextClassifier built with the same sizes. Training arms run in one process and take turns
+(A, B, C, A, B, C ...): this machine switches between speed modes, so only runs side by side
+compare; every ratio is the median of the per-round ratios. MFU = the model's matmul FLOPs
+(counted from the shapes, backward = 2x forward) per second over the fp32 matmul peak measured
+in the same run. Writes benchmarks/results/speed.md and speed.json; the last line is the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import model  # noqa: E402
+import pretrain_task  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BATCH, LENGTH, MASKED, VOCAB, LABELS = 64, 200, 30, 30_000, 119
+SHAPE = dict(d_model=128, num_layer=6, num_header=8, d_k=16, d_v=16, d_ff=512)
+
+
+# ------------------------------------------------------------------------------- the machine
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {os.cpu_count()} cores, {'/'.join(vector) or 'no AVX2'}"
+
+
+def matmul_peak(dtype: tf.DType, size: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of one size x size matmul, best of `repeats`."""
+    a = tf.cast(tf.random.normal((size, size)), dtype)
+    product = tf.function(lambda x: tf.matmul(x, x))
+    product(a).numpy()
+    best = min(_seconds(lambda: product(a).numpy()) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def _seconds(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------ FLOP counts
+def encoder_flops(batch: int, length: int, d_model: int, num_layer: int, num_header: int,
+                  d_k: int, d_v: int, d_ff: int) -> float:
+    """Forward matmul FLOPs of the encoder blocks (projections, attention, feed-forward)."""
+    projections = 2 * d_model * num_header * (2 * d_k + d_v) + 2 * num_header * d_v * d_model
+    attention = 2 * length * num_header * (d_k + d_v)
+    feed_forward = 4 * d_model * d_ff
+    return batch * length * num_layer * (projections + attention + feed_forward)
+
+
+def training_flops(task: str) -> float:
+    """FLOPs of one training step at the benchmark shape (backward = 2 x forward)."""
+    forward = encoder_flops(BATCH, LENGTH, **SHAPE)
+    d = SHAPE["d_model"]
+    if task == "mlm":
+        forward += BATCH * MASKED * (2 * d * d + 2 * d * VOCAB)
+    else:
+        forward += BATCH * (2 * d * d + 2 * d * LABELS)
+    return 3 * forward
+
+
+# ----------------------------------------------------------------------------- training arms
+def synthetic_batch(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+    ids[:, 0] = 2
+    positions = np.sort(rng.choice(np.arange(1, LENGTH), (BATCH, MASKED)), axis=1).astype(np.int32)
+    return {"token_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": np.ones_like(ids),
+            "masked_positions": positions,
+            "masked_ids": rng.integers(5, VOCAB, (BATCH, MASKED)).astype(np.int32),
+            "labels": (rng.random((BATCH, LABELS)) < 0.05).astype(np.float32)}
+
+
+def backbone_inputs(batch: dict) -> dict:
+    return {name: batch[name] for name in ("token_ids", "segment_ids", "padding_mask")}
+
+
+def repeat(element) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensors(element).repeat()
+
+
+def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False):
+    batch = synthetic_batch()
+    config = model.config_from_preset("small", backbone=backbone, vocab_size=VOCAB,
+                                      max_position=512)
+    optimizer = keras.optimizers.AdamW(1e-4)
+    if task == "mlm":
+        net = model.build_pretraining_model(model.build_backbone(config))
+        model.compile_pretraining_model(net, optimizer, jit_compile=jit_compile)
+        data = repeat(({**backbone_inputs(batch), "masked_positions": batch["masked_positions"]},
+                       {"mlm": batch["masked_ids"]}))
+    else:
+        net = model.build_classifier(model.build_backbone(config), LABELS, 0.1)
+        model.compile_classifier(net, optimizer, jit_compile=jit_compile)
+        data = repeat((backbone_inputs(batch), batch["labels"]))
+    return net, data
+
+
+def keras_hub_arm(task: str):
+    import keras_hub
+    batch = synthetic_batch()
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB, num_layers=SHAPE["num_layer"], num_heads=SHAPE["num_header"],
+        hidden_dim=SHAPE["d_model"], intermediate_dim=SHAPE["d_ff"], max_sequence_length=512)
+    if task == "mlm":
+        net = keras_hub.models.BertMaskedLM(backbone, preprocessor=None)
+        net.compile(optimizer=keras.optimizers.AdamW(1e-4))
+        weights = (batch["masked_ids"] != 0).astype(np.float32)
+        data = repeat(({**backbone_inputs(batch), "mask_positions": batch["masked_positions"]},
+                       batch["masked_ids"], weights))
+    else:
+        net = keras_hub.models.BertTextClassifier(backbone, LABELS, preprocessor=None)
+        net.compile(optimizer=keras.optimizers.AdamW(1e-4),
+                    loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        data = repeat((backbone_inputs(batch), batch["labels"]))
+    return net, data
+
+
+def interleaved_throughput(arms: dict, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Sequences per second of each arm, the arms taking turns `repeats` times."""
+    for net, data in arms.values():
+        net.fit(data, steps_per_epoch=2, epochs=1, verbose=0)  # trace and warm up
+    rates = {name: [] for name in arms}
+    for round_ in range(repeats):
+        for name, (net, data) in arms.items():
+            seconds = _seconds(lambda: net.fit(data, steps_per_epoch=steps, epochs=1, verbose=0))
+            rates[name].append(steps * BATCH / seconds)
+        print(f"  round {round_ + 1}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()),
+              flush=True)
+    return rates
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    return float(np.median(np.array(numerator) / np.array(denominator)))
+
+
+def summarize(rates: list[float]) -> dict:
+    return {"median": float(np.median(rates)), "best": float(max(rates)),
+            "all": [round(r, 2) for r in rates]}
+
+
+# ---------------------------------------------------------------------------- input pipeline
+def pretraining_input_rate(batches: int = 60) -> float:
+    """Sequences per second that the pretraining tf.data pipeline (shuffle, batch, dynamic
+    masking) delivers alone, from packed rows with a realistic share of padding."""
+    rng = np.random.default_rng(1)
+    rows = rng.integers(5, VOCAB, (BATCH * batches, LENGTH)).astype(np.int32)
+    lengths = rng.integers(LENGTH // 2, LENGTH + 1, len(rows))
+    rows[np.arange(LENGTH)[None, :] >= lengths[:, None]] = 0
+    rows[:, 0] = 2
+    data = pretrain_task.make_pretraining_dataset(rows, VOCAB, BATCH, 0.15, seed=0)
+    for _ in data.take(2):
+        pass
+    seconds = _seconds(lambda: sum(1 for _ in data))
+    return len(rows) / seconds
+
+
+# --------------------------------------------------------------------------------- inference
+def exported_latency(backbone: str, workdir: str) -> dict:
+    """Batch-1 latency (ms, median of 200 calls) and batch-64 rate (docs/s) of the exported
+    SavedModel's `serve` endpoint, at the full fine-tuning length."""
+    import predict
+    config = model.config_from_preset("small", backbone=backbone, vocab_size=VOCAB)
+    classifier = model.build_classifier(model.build_backbone(config), LABELS, 0.1)
+    export_dir = os.path.join(workdir, f"export_{backbone}")
+    predict.export_classifier(classifier, export_dir)
+    serve = tf.saved_model.load(export_dir).serve
+    one = tf.constant(synthetic_batch()["token_ids"][:1])
+    many = tf.constant(synthetic_batch()["token_ids"])
+    for _ in range(5):
+        serve(one)
+        serve(many)
+    single = [_seconds(lambda: serve(one)["probabilities"].numpy()) for _ in range(200)]
+    batched = [_seconds(lambda: serve(many)["probabilities"].numpy()) for _ in range(10)]
+    return {"batch1_ms": 1000 * float(np.median(single)),
+            "batch64_docs_s": BATCH / float(np.median(batched))}
+
+
+def predict_rate(workdir: str) -> dict:
+    """Documents per second of predict.py's path (tokenize, encode, score, choose labels) on the
+    sample sentiment test file, with a small Transformer trained one short epoch for the purpose."""
+    sys.path.insert(0, str(ROOT))
+    from data.prepare import ensure_sample_data
+    files = ensure_sample_data(str(ROOT / "data"))["sentiment"]
+    run_dir = os.path.join(workdir, "sentiment_run")
+    slices = {}
+    for split, lines in (("train", 640), ("valid", 200), ("test", 200)):
+        slices[split] = os.path.join(workdir, f"{split}.txt")
+        with open(files[split], encoding="utf-8") as source, \
+                open(slices[split], "w", encoding="utf-8") as target:
+            target.writelines(line for _, line in zip(range(lines), source))
+    subprocess.run([sys.executable, str(ROOT / "train_transform.py"), "--backbone=transformer",
+                    "--preset=small", "--num_epochs=1", f"--ckpt_dir_save={run_dir}",
+                    f"--training_data_file={slices['train']}",
+                    f"--valid_data_file={slices['valid']}", f"--test_data_file={slices['test']}",
+                    f"--cache_dir={os.path.join(workdir, 'cache')}"],
+                   check=True, capture_output=True)
+    import predict
+    predictor = predict.Predictor(run_dir)
+    with open(files["test"], encoding="utf-8") as f:
+        documents = list(enumerate(line.rstrip("\n") for line in f))
+    list(predict.predict_lines(predictor, documents[:256], 256, 0.05))  # trace and warm up
+    seconds = _seconds(lambda: list(predict.predict_lines(predictor, documents, 256, 0.05)))
+    return {"documents": len(documents), "docs_s": len(documents) / seconds}
+
+
+# ------------------------------------------------------------------------------------ report
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 5")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per timed repeat")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 5
+    results = {"machine": cpu_name(), "shape": {**SHAPE, "batch": BATCH, "length": LENGTH,
+                                                "masked": MASKED, "vocab": VOCAB,
+                                                "labels": LABELS}}
+    print(f"speed benchmark on {results['machine']}", flush=True)
+    results["peak_gflops"] = {"fp32": matmul_peak(tf.float32), "bf16": matmul_peak(tf.bfloat16)}
+    print(f"matmul peak: fp32 {results['peak_gflops']['fp32']:.0f} GFLOP/s, "
+          f"bf16 {results['peak_gflops']['bf16']:.0f} GFLOP/s", flush=True)
+
+    for task in ("mlm", "cls"):
+        print(f"{task}: ours vs keras-hub, {repeats} rounds of {args.steps} steps", flush=True)
+        arms = {"ours": our_arm(task), "keras_hub": keras_hub_arm(task)}
+        if task == "mlm":
+            arms["textcnn"] = our_arm(task, "textcnn")
+        rates = interleaved_throughput(arms, args.steps, repeats)
+        results[task] = {name: summarize(r) for name, r in rates.items()}
+        results[task]["ratio_vs_keras_hub"] = median_ratio(rates["ours"], rates["keras_hub"])
+        achieved = training_flops(task) / BATCH * results[task]["ours"]["median"] / 1e9
+        results[task]["gflops"] = achieved
+        results[task]["mfu_fp32"] = achieved / results["peak_gflops"]["fp32"]
+        del arms
+        keras.backend.clear_session()
+
+    results["input_seq_s"] = pretraining_input_rate()
+    results["input_ratio"] = results["input_seq_s"] / results["mlm"]["ours"]["best"]
+    with tempfile.TemporaryDirectory() as workdir:
+        results["inference"] = {b: exported_latency(b, workdir) for b in ("textcnn", "transformer")}
+        results["predict"] = predict_rate(workdir)
+    write_report(results)
+
+
+def write_report(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(results, indent=1) + "\n")
+    mlm, cls, peak = results["mlm"], results["cls"], results["peak_gflops"]
+    inference = results["inference"]
+    lines = [
+        "# Speed (benchmarks/bench_speed.py)", "",
+        f"Machine: {results['machine']}; matmul peak fp32 {peak['fp32']:.0f} GFLOP/s, "
+        f"bf16 {peak['bf16']:.0f} GFLOP/s (4096x4096, same run).", "",
+        "| training, seq/s (median / best) | ours | keras-hub 0.32 | ours / keras-hub | "
+        "ours GFLOP/s | MFU fp32 |", "|---|---|---|---|---|---|",
+        *(f"| {title} | {r['ours']['median']:.1f} / {r['ours']['best']:.1f} | "
+          f"{r['keras_hub']['median']:.1f} / {r['keras_hub']['best']:.1f} | "
+          f"{r['ratio_vs_keras_hub']:.2f} | {r['gflops']:.0f} | {r['mfu_fp32']:.2f} |"
+          for title, r in (("masked LM, Transformer small", mlm),
+                           ("classifier, Transformer small", cls))),
+        "", f"TextCNN small masked LM: {mlm['textcnn']['median']:.1f} seq/s (median), "
+        f"{mlm['textcnn']['best']:.1f} best.",
+        f"Pretraining input pipeline alone: {results['input_seq_s']:.0f} seq/s = "
+        f"{results['input_ratio']:.1f}x the Transformer's best training rate.", "",
+        "| exported SavedModel, length 200 | batch 1 latency (ms) | batch 64 (docs/s) |",
+        "|---|---|---|",
+        *(f"| {b} small | {inference[b]['batch1_ms']:.1f} | {inference[b]['batch64_docs_s']:.0f} |"
+          for b in ("textcnn", "transformer")),
+        "", f"predict.py path (tokenize + score + labels), Transformer small, sample sentiment "
+        f"test file: {results['predict']['docs_s']:.0f} documents/s "
+        f"({results['predict']['documents']} documents).", ""]
+    summary = ("speed " + " ".join(f"{k}={v}" for k, v in (
+        ("mlm_vs_keras_hub", f"{mlm['ratio_vs_keras_hub']:.2f}"),
+        ("cls_vs_keras_hub", f"{cls['ratio_vs_keras_hub']:.2f}"),
+        ("mfu_fp32", f"{mlm['mfu_fp32']:.2f}"),
+        ("infer_b1_ms_textcnn", f"{inference['textcnn']['batch1_ms']:.1f}"),
+        ("infer_b1_ms_transformer", f"{inference['transformer']['batch1_ms']:.1f}"),
+        ("predict_docs_s", f"{results['predict']['docs_s']:.0f}"),
+        ("input_ratio", f"{results['input_ratio']:.1f}"))))
+    (RESULTS / "speed.md").write_text("\n".join(lines + ["```", summary, "```", ""]))
+    print("\n".join(lines))
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
