@@ -238,6 +238,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 5")
     parser.add_argument("--steps", type=int, default=2, help="training steps per timed repeat")
+    parser.add_argument("--no_training", action="store_true", help="only the input pipeline, "
+                        "inference and predict.py sections (printed, no report written)")
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
     results = {"machine": cpu_name(), "shape": {**SHAPE, "batch": BATCH, "length": LENGTH,
@@ -248,6 +250,10 @@ def main() -> None:
     print(f"matmul peak: fp32 {results['peak_gflops']['fp32']:.0f} GFLOP/s, "
           f"bf16 {results['peak_gflops']['bf16']:.0f} GFLOP/s", flush=True)
 
+    if args.no_training:
+        print(json.dumps({"input_seq_s": pretraining_input_rate(), **inference_sections()},
+                         indent=1))
+        return
     for task in ("mlm", "cls"):
         print(f"{task}: ours vs keras-hub, {repeats} rounds of {args.steps} steps", flush=True)
         arms = {"ours": our_arm(task), "keras_hub": keras_hub_arm(task)}
@@ -264,10 +270,14 @@ def main() -> None:
 
     results["input_seq_s"] = pretraining_input_rate()
     results["input_ratio"] = results["input_seq_s"] / results["mlm"]["ours"]["best"]
-    with tempfile.TemporaryDirectory() as workdir:
-        results["inference"] = {b: exported_latency(b, workdir) for b in ("textcnn", "transformer")}
-        results["predict"] = predict_rate(workdir)
+    results.update(inference_sections())
     write_report(results)
+
+
+def inference_sections() -> dict:
+    with tempfile.TemporaryDirectory() as workdir:
+        return {"inference": {b: exported_latency(b, workdir) for b in ("textcnn", "transformer")},
+                "predict": predict_rate(workdir)}
 
 
 def write_report(results: dict) -> None:
