@@ -482,15 +482,25 @@ def build_vocabulary(paths: list[str], tokenize_style: str, vocab_size: int,
     Ties in frequency are broken by the token string, so the result never depends on file order
     or on the number of processes.
     """
-    if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
-        raise DataError(f"--vocab_size={vocab_size!r} must exceed {len(SPECIAL_TOKENS)}: it counts "
-                        "the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] too")
+    _check_vocab_size(vocab_size)
     counts: collections.Counter = collections.Counter()
     for path in paths:
         for item in iter_tokenized_lines(path, tokenize_style, encoding, process_num, labelled):
             counts.update(item[1])
-    for token in SPECIAL_TOKENS:
-        counts.pop(token, None)
+    return vocabulary_from_counts(counts, vocab_size, paths)
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    if not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
+        raise DataError(f"--vocab_size={vocab_size!r} must exceed {len(SPECIAL_TOKENS)}: it counts "
+                        "the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] too")
+
+
+def vocabulary_from_counts(counts: dict[str, int], vocab_size: int,
+                           paths: list[str]) -> Vocabulary:
+    """The special tokens, then the `vocab_size` - 5 most frequent tokens (ties by string)."""
+    counts = {token: count for token, count in counts.items()
+              if token not in SPECIAL_TOKENS and count > 0}
     if not counts:
         raise DataError(f"{', '.join(paths)}: no tokens found; the vocabulary needs some text")
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
@@ -508,16 +518,21 @@ def load_or_build_vocabulary(paths: list[str], tokenize_style: str, vocab_size: 
                              process_num: int | None = None) -> Vocabulary:
     """`build_vocabulary`, kept in `cache_dir` under a fingerprint of its inputs so that an
     unchanged corpus is not tokenized again just to count its words."""
-    fingerprint = fingerprint_of({"files": [file_fingerprint(p) for p in paths],
-                                  "tokenize_style": tokenize_style, "vocab_size": vocab_size,
-                                  "labelled": labelled, "encoding": encoding,
-                                  "format": FORMAT_VERSION})
-    path = os.path.join(cache_dir, f"vocab-{fingerprint[:20]}.txt")
+    path = _vocabulary_file(paths, tokenize_style, vocab_size, cache_dir, labelled, encoding)
     if os.path.exists(path):
         return Vocabulary.load(path)
     vocab = build_vocabulary(paths, tokenize_style, vocab_size, labelled, encoding, process_num)
     vocab.save(path)
     return vocab
+
+
+def _vocabulary_file(paths: list[str], tokenize_style: str, vocab_size: int, cache_dir: str,
+                     labelled: bool, encoding: str) -> str:
+    fingerprint = fingerprint_of({"files": [file_fingerprint(p) for p in paths],
+                                  "tokenize_style": tokenize_style, "vocab_size": vocab_size,
+                                  "labelled": labelled, "encoding": encoding,
+                                  "format": FORMAT_VERSION})
+    return os.path.join(cache_dir, f"vocab-{fingerprint[:20]}.txt")
 
 
 def warn_if_unsegmented(path: str, tokenize_style: str, labelled: bool = False,
@@ -800,14 +815,62 @@ def read_classification_split(cache_file: str, split: str) -> tuple[np.ndarray, 
 def load_or_build_token_cache(path: str, vocab: Vocabulary, tokenize_style: str, cache_dir: str,
                               encoding: str = "utf-8", process_num: int | None = None) -> str:
     """Path of an HDF5 cache of `path`'s non-blank lines as ragged rows of token ids."""
+    cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding)
+    if open_valid_cache(cache, fingerprint):
+        print(f"Reusing token cache {cache}")
+        return cache
+    rows = ((line_no, vocab.encode(tokens)) for line_no, tokens in
+            iter_tokenized_lines(path, tokenize_style, encoding, process_num))
+    _write_token_cache(cache, fingerprint, rows, tokenize_style, path)
+    return cache
+
+
+def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_dir: str,
+                         encoding: str = "utf-8",
+                         process_num: int | None = None) -> tuple[Vocabulary, str]:
+    """The corpus's vocabulary and token cache, tokenizing the text once.
+
+    Both are the files `load_or_build_vocabulary` and `load_or_build_token_cache` would write
+    (same names, same contents), but when neither exists the text is tokenized in one pass:
+    every token gets a provisional id in order of first sight, the vocabulary is ranked from
+    those ids' counts, and the provisional ids are mapped to the final ones with one array
+    lookup. Memory: 4 bytes a token until the cache is written (as reading the cache costs).
+    """
+    vocab_file = _vocabulary_file([path], tokenize_style, vocab_size, cache_dir, False, encoding)
+    if os.path.exists(vocab_file):
+        vocab = Vocabulary.load(vocab_file)
+        return vocab, load_or_build_token_cache(path, vocab, tokenize_style, cache_dir, encoding,
+                                                process_num)
+    _check_vocab_size(vocab_size)
+    provisional: dict[str, int] = {}
+    rows = []
+    for line_no, tokens in iter_tokenized_lines(path, tokenize_style, encoding, process_num):
+        ids = [provisional.setdefault(token, len(provisional)) for token in tokens]
+        rows.append((line_no, np.array(ids, np.int32)))
+    every_id = np.concatenate([ids for _, ids in rows]) if rows else np.zeros(0, np.int32)
+    counts = np.bincount(every_id, minlength=len(provisional))
+    vocab = vocabulary_from_counts(dict(zip(provisional, counts.tolist())), vocab_size, [path])
+    vocab.save(vocab_file)
+    final = np.array([vocab.id_of(token) for token in provisional], np.int32)
+    cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding)
+    if not open_valid_cache(cache, fingerprint):
+        _write_token_cache(cache, fingerprint, ((n, final[ids]) for n, ids in rows),
+                           tokenize_style, path)
+    return vocab, cache
+
+
+def _token_cache_file(path: str, vocab: Vocabulary, tokenize_style: str, cache_dir: str,
+                      encoding: str) -> tuple[str, str]:
     fingerprint = fingerprint_of({
         "kind": "tokens", "format_version": FORMAT_VERSION, "file": file_fingerprint(path),
         "vocab": vocab.fingerprint(), "tokenize_style": tokenize_style, "encoding": encoding,
         "word_backend": word_backend() if tokenize_style == "word" else None})
-    cache = cache_path(cache_dir, "tokens", fingerprint)
-    if open_valid_cache(cache, fingerprint):
-        print(f"Reusing token cache {cache}")
-        return cache
+    return cache_path(cache_dir, "tokens", fingerprint), fingerprint
+
+
+def _write_token_cache(cache: str, fingerprint: str, rows: Iterable[tuple[int, list[int]]],
+                       tokenize_style: str, source: str) -> None:
+    """`rows` of (line number, token ids) as one flat id array with row offsets."""
 
     def write(h5: h5py.File) -> None:
         ids = h5.create_dataset("input_ids", (0,), maxshape=(None,), dtype="int32",
@@ -815,28 +878,29 @@ def load_or_build_token_cache(path: str, vocab: Vocabulary, tokenize_style: str,
         offsets = _RowWriter(h5, {"offsets": ((), "int64")})
         line_numbers = _RowWriter(h5, {"line_numbers": ((), "int64")})
         offsets.add(offsets=0)
-        block, total = [], 0
-        for line_no, tokens in iter_tokenized_lines(path, tokenize_style, encoding, process_num):
-            block.extend(vocab.encode(tokens))
-            total += len(tokens)
+        block, in_block, total = [], 0, 0
+        for line_no, row in rows:
+            block.append(np.asarray(row, np.int32))
+            in_block += len(row)
+            total += len(row)
             offsets.add(offsets=total)
             line_numbers.add(line_numbers=line_no)
-            if len(block) >= 1 << 18:
-                _append(ids, block)
-                block = []
-        _append(ids, block)
+            if in_block >= 1 << 18:
+                _append(ids, np.concatenate(block))
+                block, in_block = [], 0
+        if block:
+            _append(ids, np.concatenate(block))
         offsets.flush()
         line_numbers.flush()
         h5.attrs.update({"format_version": FORMAT_VERSION, "tokenize_style": tokenize_style,
-                         "source": os.path.abspath(path)})
+                         "source": os.path.abspath(source)})
 
     write_hdf5_atomically(cache, write, fingerprint)
     print(f"Built token cache {cache}")
-    return cache
 
 
-def _append(dataset: h5py.Dataset, values: list[int]) -> None:
-    if values:
+def _append(dataset: h5py.Dataset, values) -> None:
+    if len(values):
         ensure_free_space(dataset.file.filename, len(values) * dataset.dtype.itemsize)
         start = dataset.shape[0]
         dataset.resize((start + len(values),))

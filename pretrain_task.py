@@ -1,9 +1,9 @@
 """Raw text -> masked-LM (and next-sentence) pretraining examples.
 
 The pipeline, in the order it runs:
-1. `load_or_build_corpus_cache` tokenizes the corpus once (several processes) into the data
-   layer's fingerprinted HDF5 token cache (one row of ids a document); `read_corpus` cuts the
-   documents into sentences after sentence-ending punctuation.
+1. `load_or_build_corpus_cache` tokenizes the corpus once (several processes) into its
+   vocabulary and the data layer's fingerprinted HDF5 token cache (one row of ids a document);
+   `read_corpus` cuts the documents into sentences after sentence-ending punctuation.
 2. `pack_sequences` / `make_nsp_pairs` turn that into fixed-length examples: `[CLS] A [SEP]`
    packed from whole sentences (short ones are packed together, not dropped as the original did),
    or `[CLS] A [SEP] B [SEP]` with segment ids for next-sentence prediction.
@@ -42,12 +42,12 @@ class Corpus:
                 for s in range(first, last)]
 
 
-def load_or_build_corpus_cache(corpus_file: str, vocab: du.Vocabulary, tokenize_style: str,
+def load_or_build_corpus_cache(corpus_file: str, tokenize_style: str, vocab_size: int,
                                cache_dir: str, encoding: str = "utf-8",
-                               process_num: int | None = None) -> str:
-    """Tokenize `corpus_file` once (one document a line) into the data layer's HDF5 token cache."""
-    return du.load_or_build_token_cache(corpus_file, vocab, tokenize_style, cache_dir, encoding,
-                                        process_num)
+                               process_num: int | None = None) -> tuple[du.Vocabulary, str]:
+    """The corpus's vocabulary and HDF5 token cache (one document a line), tokenizing it once."""
+    return du.load_or_build_corpus(corpus_file, tokenize_style, vocab_size, cache_dir, encoding,
+                                   process_num)
 
 
 def read_corpus(cache_file: str, vocab: du.Vocabulary) -> Corpus:

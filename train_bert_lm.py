@@ -78,13 +78,11 @@ def main(_):
         corpus_file = tu.head_file(corpus_file, 3000, run.file("test_corpus.txt"),
                                    FLAGS.encoding)
     du.warn_if_unsegmented(corpus_file, style, encoding=FLAGS.encoding)
-    vocab = du.load_or_build_vocabulary([corpus_file], style, FLAGS.vocab_size, cache_dir,
-                                        encoding=FLAGS.encoding, process_num=FLAGS.process_num)
+    vocab, cache = pt.load_or_build_corpus_cache(corpus_file, style, FLAGS.vocab_size, cache_dir,
+                                                 FLAGS.encoding, FLAGS.process_num)
     run.write(rd.VOCAB, vocab.save)
     run.write_json(rd.DATA_CONFIG, {"tokenize_style": style, "vocab_size": len(vocab),
                                     "sequence_length_lm": FLAGS.sequence_length_lm})
-    cache = pt.load_or_build_corpus_cache(corpus_file, vocab, style, cache_dir,
-                                          FLAGS.encoding, FLAGS.process_num)
     train_corpus, valid_corpus = pt.split_documents(pt.read_corpus(cache, vocab),
                                                     FLAGS.valid_fraction,
                                                     FLAGS.seed)

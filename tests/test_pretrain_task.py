@@ -1,4 +1,6 @@
 """Pretraining examples: sentence packing, NSP pairs, BERT masking in tf.data, the corpus cache."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -118,30 +120,48 @@ def test_split_documents_is_disjoint_and_complete():
 def test_corpus_cache_round_trip_and_reuse(tmp_path, capsys):
     corpus_file = tmp_path / "corpus.txt"
     corpus_file.write_text("我 爱 北京 。 天安门 很 大 ！ 真的\n\n今天 天气 好\n", encoding="utf-8")
-    vocab = du.build_vocabulary([str(corpus_file)], "space", 100, process_num=1)
     cache_dir = tmp_path / "cache"
-    path = pt.load_or_build_corpus_cache(str(corpus_file), vocab, "space", str(cache_dir),
-                                         process_num=1)
+    vocab, path = pt.load_or_build_corpus_cache(str(corpus_file), "space", 100, str(cache_dir),
+                                                process_num=1)
     corpus = pt.read_corpus(path, vocab)
     assert corpus.num_documents == 2
     first_doc = corpus.document_sentences(0)
     assert [vocab.tokens[i] for i in first_doc[0]] == ["我", "爱", "北京", "。"]
     assert len(first_doc) == 3  # split after 。 and ！, the tail is a sentence too
-    again = pt.load_or_build_corpus_cache(str(corpus_file), vocab, "space", str(cache_dir),
-                                          process_num=1)
+    again_vocab, again = pt.load_or_build_corpus_cache(str(corpus_file), "space", 100,
+                                                       str(cache_dir), process_num=1)
     assert again == path and "Reusing" in capsys.readouterr().out
+    assert again_vocab.tokens == vocab.tokens
     assert pt.read_corpus(again, vocab).tokens.tolist() == corpus.tokens.tolist()
     corpus_file.write_text("别的 文字\n", encoding="utf-8")
-    changed = pt.load_or_build_corpus_cache(str(corpus_file), vocab, "space", str(cache_dir),
-                                            process_num=1)
+    _, changed = pt.load_or_build_corpus_cache(str(corpus_file), "space", 100, str(cache_dir),
+                                               process_num=1)
     assert changed != path
+
+
+@pytest.mark.parametrize("vocab_size", [8, 1000])
+def test_one_pass_writes_what_the_two_passes_write(tmp_path, vocab_size):
+    """Same vocabulary (ties and all, literal special tokens too), same cache file name and ids,
+    whether the text is tokenized once or once for the vocabulary and once for the cache."""
+    corpus_file = tmp_path / "corpus.txt"
+    words = np.random.default_rng(3).choice(["甲", "乙", "丙", "丁", "戊", "己", "[MASK]", "。"],
+                                            size=(40, 9))
+    corpus_file.write_text("".join(" ".join(row) + "\n" for row in words), encoding="utf-8")
+    vocab, cache = pt.load_or_build_corpus_cache(str(corpus_file), "space", vocab_size,
+                                                 str(tmp_path / "one"), process_num=1)
+    two_vocab = du.load_or_build_vocabulary([str(corpus_file)], "space", vocab_size,
+                                            str(tmp_path / "two"), process_num=1)
+    two_cache = du.load_or_build_token_cache(str(corpus_file), two_vocab, "space",
+                                             str(tmp_path / "two"), process_num=1)
+    assert vocab.tokens == two_vocab.tokens
+    assert os.path.basename(cache) == os.path.basename(two_cache)
+    for one, two in zip(du.read_token_cache(cache), du.read_token_cache(two_cache)):
+        np.testing.assert_array_equal(one, two)
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
     corpus_file = tmp_path / "empty.txt"
     corpus_file.write_text("\n\n", encoding="utf-8")
-    vocab = du.Vocabulary(list(du.SPECIAL_TOKENS))
-    with pytest.raises(du.DataError, match="no text"):
-        cache = pt.load_or_build_corpus_cache(str(corpus_file), vocab, "space",
-                                              str(tmp_path / "c"), process_num=1)
-        pt.read_corpus(cache, vocab)
+    with pytest.raises(du.DataError, match="no tokens found"):
+        pt.load_or_build_corpus_cache(str(corpus_file), "space", 50, str(tmp_path / "c"),
+                                      process_num=1)
