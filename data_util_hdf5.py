@@ -833,8 +833,8 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
     Both are the files `load_or_build_vocabulary` and `load_or_build_token_cache` would write
     (same names, same contents), but when neither exists the text is tokenized in one pass:
     every token gets a provisional id in order of first sight, the vocabulary is ranked from
-    those ids' counts, and the provisional ids are mapped to the final ones with one array
-    lookup. Memory: 4 bytes a token until the cache is written (as reading the cache costs).
+    those ids' counts, and the provisional ids (kept in a scratch HDF5 file beside the cache, so
+    memory does not grow with the corpus) are mapped to the final ones by array lookups.
     """
     vocab_file = _vocabulary_file([path], tokenize_style, vocab_size, cache_dir, False, encoding)
     if os.path.exists(vocab_file):
@@ -843,20 +843,49 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
                                                 process_num)
     _check_vocab_size(vocab_size)
     provisional: dict[str, int] = {}
-    rows = []
-    for line_no, tokens in iter_tokenized_lines(path, tokenize_style, encoding, process_num):
-        ids = [provisional.setdefault(token, len(provisional)) for token in tokens]
-        rows.append((line_no, np.array(ids, np.int32)))
-    every_id = np.concatenate([ids for _, ids in rows]) if rows else np.zeros(0, np.int32)
-    counts = np.bincount(every_id, minlength=len(provisional))
-    vocab = vocabulary_from_counts(dict(zip(provisional, counts.tolist())), vocab_size, [path])
-    vocab.save(vocab_file)
-    final = np.array([vocab.id_of(token) for token in provisional], np.int32)
-    cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding)
-    if not open_valid_cache(cache, fingerprint):
-        _write_token_cache(cache, fingerprint, ((n, final[ids]) for n, ids in rows),
-                           tokenize_style, path)
+    scratch = vocab_file[:-len(".txt")] + "-provisional.h5"  # rewritten by the next run if left
+    rows = ((line_no, [provisional.setdefault(token, len(provisional)) for token in tokens])
+            for line_no, tokens in iter_tokenized_lines(path, tokenize_style, encoding,
+                                                        process_num))
+    try:
+        _write_token_cache(scratch, "provisional", rows, tokenize_style, path, quiet=True)
+        counts = np.zeros(len(provisional), np.int64)
+        for _, _, ids in _token_cache_blocks(scratch):
+            counts += np.bincount(ids, minlength=len(provisional))
+        vocab = vocabulary_from_counts(dict(zip(provisional, counts.tolist())), vocab_size,
+                                       [path])
+        vocab.save(vocab_file)
+        final = np.array([vocab.id_of(token) for token in provisional], np.int32)
+        cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding)
+        if not open_valid_cache(cache, fingerprint):
+            _write_token_cache(cache, fingerprint, _token_cache_rows(scratch, final),
+                               tokenize_style, path)
+    finally:
+        remove_quietly(scratch)
     return vocab, cache
+
+
+def _token_cache_blocks(cache_file: str, block_tokens: int = 1 << 20):
+    """(first row, end row, ids) blocks of whole rows of a token cache, about `block_tokens` ids
+    each: memory stays flat whatever the corpus size."""
+    with h5py.File(cache_file, "r") as h5:
+        offsets, ids = h5["offsets"][:], h5["input_ids"]
+        row = 0
+        while row < len(offsets) - 1:
+            end = int(np.searchsorted(offsets, offsets[row] + block_tokens, side="right")) - 1
+            end = min(max(end, row + 1), len(offsets) - 1)
+            yield row, end, ids[offsets[row]:offsets[end]]
+            row = end
+
+
+def _token_cache_rows(cache_file: str, remap: np.ndarray):
+    """(line number, remap[ids]) for every row of a token cache, read a block at a time."""
+    with h5py.File(cache_file, "r") as h5:
+        offsets, line_numbers = h5["offsets"][:], h5["line_numbers"][:]
+    for first, end, ids in _token_cache_blocks(cache_file):
+        ids, base = remap[ids], offsets[first]
+        for row in range(first, end):
+            yield line_numbers[row], ids[offsets[row] - base:offsets[row + 1] - base]
 
 
 def _token_cache_file(path: str, vocab: Vocabulary, tokenize_style: str, cache_dir: str,
@@ -869,7 +898,7 @@ def _token_cache_file(path: str, vocab: Vocabulary, tokenize_style: str, cache_d
 
 
 def _write_token_cache(cache: str, fingerprint: str, rows: Iterable[tuple[int, list[int]]],
-                       tokenize_style: str, source: str) -> None:
+                       tokenize_style: str, source: str, quiet: bool = False) -> None:
     """`rows` of (line number, token ids) as one flat id array with row offsets."""
 
     def write(h5: h5py.File) -> None:
@@ -896,7 +925,8 @@ def _write_token_cache(cache: str, fingerprint: str, rows: Iterable[tuple[int, l
                          "source": os.path.abspath(source)})
 
     write_hdf5_atomically(cache, write, fingerprint)
-    print(f"Built token cache {cache}")
+    if not quiet:
+        print(f"Built token cache {cache}")
 
 
 def _append(dataset: h5py.Dataset, values) -> None:

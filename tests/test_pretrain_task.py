@@ -139,10 +139,13 @@ def test_corpus_cache_round_trip_and_reuse(tmp_path, capsys):
     assert changed != path
 
 
-@pytest.mark.parametrize("vocab_size", [8, 1000])
-def test_one_pass_writes_what_the_two_passes_write(tmp_path, vocab_size):
+@pytest.mark.parametrize("vocab_size,block_tokens", [(8, 1 << 20), (1000, 7), (8, 20)])
+def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, vocab_size,
+                                                   block_tokens):
     """Same vocabulary (ties and all, literal special tokens too), same cache file name and ids,
-    whether the text is tokenized once or once for the vocabulary and once for the cache."""
+    whether the text is tokenized once or once for the vocabulary and once for the cache; the
+    scratch file is read back in blocks of whole rows of any size, and removed."""
+    monkeypatch.setattr(du._token_cache_blocks, "__defaults__", (block_tokens,))
     corpus_file = tmp_path / "corpus.txt"
     words = np.random.default_rng(3).choice(["甲", "乙", "丙", "丁", "戊", "己", "[MASK]", "。"],
                                             size=(40, 9))
@@ -157,6 +160,7 @@ def test_one_pass_writes_what_the_two_passes_write(tmp_path, vocab_size):
     assert os.path.basename(cache) == os.path.basename(two_cache)
     for one, two in zip(du.read_token_cache(cache), du.read_token_cache(two_cache)):
         np.testing.assert_array_equal(one, two)
+    assert not [name for name in os.listdir(tmp_path / "one") if "provisional" in name]
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
