@@ -866,26 +866,25 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
 
 
 def _token_cache_blocks(cache_file: str, block_tokens: int = 1 << 20):
-    """(first row, end row, ids) blocks of whole rows of a token cache, about `block_tokens` ids
-    each: memory stays flat whatever the corpus size."""
+    """Whole rows of a token cache, about `block_tokens` ids at a time, so memory stays flat
+    whatever the corpus size: (line numbers [n], row starts within the block [n + 1], ids)."""
     with h5py.File(cache_file, "r") as h5:
-        offsets, ids = h5["offsets"][:], h5["input_ids"]
+        offsets, line_numbers, ids = h5["offsets"][:], h5["line_numbers"][:], h5["input_ids"]
         row = 0
-        while row < len(offsets) - 1:
+        while row < len(line_numbers):
             end = int(np.searchsorted(offsets, offsets[row] + block_tokens, side="right")) - 1
-            end = min(max(end, row + 1), len(offsets) - 1)
-            yield row, end, ids[offsets[row]:offsets[end]]
+            end = min(max(end, row + 1), len(line_numbers))
+            yield (line_numbers[row:end], offsets[row:end + 1] - offsets[row],
+                   ids[offsets[row]:offsets[end]])
             row = end
 
 
 def _token_cache_rows(cache_file: str, remap: np.ndarray):
     """(line number, remap[ids]) for every row of a token cache, read a block at a time."""
-    with h5py.File(cache_file, "r") as h5:
-        offsets, line_numbers = h5["offsets"][:], h5["line_numbers"][:]
-    for first, end, ids in _token_cache_blocks(cache_file):
-        ids, base = remap[ids], offsets[first]
-        for row in range(first, end):
-            yield line_numbers[row], ids[offsets[row] - base:offsets[row + 1] - base]
+    for lines, starts, ids in _token_cache_blocks(cache_file):
+        ids = remap[ids]
+        for i, line_no in enumerate(lines):
+            yield line_no, ids[starts[i]:starts[i + 1]]
 
 
 def _token_cache_file(path: str, vocab: Vocabulary, tokenize_style: str, cache_dir: str,

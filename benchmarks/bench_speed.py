@@ -208,7 +208,6 @@ def exported_latency(backbone: str, workdir: str) -> dict:
 def predict_rate(workdir: str) -> dict:
     """Documents per second of predict.py's path (tokenize, encode, score, choose labels) on the
     sample sentiment test file, with a small Transformer trained one short epoch for the purpose."""
-    sys.path.insert(0, str(ROOT))
     from data.prepare import ensure_sample_data
     files = ensure_sample_data(str(ROOT / "data"))["sentiment"]
     run_dir = os.path.join(workdir, "sentiment_run")
