@@ -10,10 +10,10 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-import data_util_hdf5 as du
+import data_util_hdf5 as data_util
 import model
-import run_directory as rd
-import train_util as tu
+import run_directory
+import train_util
 from data.prepare import ensure_sample_data
 
 FLAGS = flags.FLAGS
@@ -22,7 +22,7 @@ TEST_MODE_LINES = {"train": 2000, "valid": 400, "test": 400}
 
 def define_flags(default_learning_rate: float, default_ckpt_dir: str) -> None:
     """Flags common to train_bert_fine_tuning.py and train_transform.py."""
-    tu.define_common_flags(default_learning_rate, 0.0, "Use a small slice of each file, the "
+    train_util.define_common_flags(default_learning_rate, 0.0, "Use a small slice of each file, the "
                            "tiny preset (from scratch) and two epochs, to try an idea quickly.",
                            num_epochs=None, num_epochs_help="Passes over the training data, at "
                            "most. Default: enough for 1,000 steps, within 10 to 100 epochs (a "
@@ -53,7 +53,7 @@ def define_flags(default_learning_rate: float, default_ckpt_dir: str) -> None:
 
 @dataclass
 class ClassificationData:
-    vocab: du.Vocabulary
+    vocab: data_util.Vocabulary
     labels: list[str]
     tokenize_style: str
     splits: dict  # split -> (input_ids int32 [N,T], multi-hot uint8 [N,L])
@@ -66,7 +66,7 @@ class ClassificationData:
         are not padded to the longest one of a random batch; other splits go shortest first.
         """
         ids, gold = self.splits[split]
-        lengths = np.sum(ids != du.PAD_ID, axis=1)
+        lengths = np.sum(ids != data_util.PAD_ID, axis=1)
         if not shuffle:
             order = np.argsort(lengths, kind="stable")
             data = tf.data.Dataset.from_tensor_slices((ids[order], gold[order].astype(np.float32)))
@@ -89,7 +89,7 @@ class ClassificationData:
 
     def steps_per_epoch(self) -> int:
         """Training batches an epoch: one part-filled batch at most per length bucket."""
-        lengths = np.sum(self.splits["train"][0] != du.PAD_ID, axis=1)
+        lengths = np.sum(self.splits["train"][0] != data_util.PAD_ID, axis=1)
         bucket = np.searchsorted(length_buckets(lengths, self.batch_size), lengths, side="right")
         return int(sum(-(-count // self.batch_size) for count in np.bincount(bucket) if count))
 
@@ -119,8 +119,8 @@ def steps_per_epoch(num_examples: int) -> int:
 def validate_flags() -> None:
     """The classifier flags' values that cannot work, refused in one line before any file is
     touched."""
-    tu.validate_common_flags()
-    tu.check_flag_values([("sequence_length", FLAGS.sequence_length >= 2,
+    train_util.validate_common_flags()
+    train_util.check_flag_values([("sequence_length", FLAGS.sequence_length >= 2,
                            "at least 2 ([CLS] and one token)")])
 
 
@@ -131,63 +131,63 @@ def data_files() -> dict[str, str]:
     if not given["train"]:
         sample = ensure_sample_data(FLAGS.data_path)
         if FLAGS.task not in sample or FLAGS.task == "pretrain":
-            raise tu.UsageError(f"--task={FLAGS.task!r} is not a sample task; use entities, "
+            raise train_util.UsageError(f"--task={FLAGS.task!r} is not a sample task; use entities, "
                                 "mentions or sentiment")
         given = {split: given[split] or path for split, path in sample[FLAGS.task].items()}
     files = {split: path for split, path in given.items() if path}
     if "valid" not in files:
-        raise tu.UsageError("--valid_data_file is needed with --training_data_file: it picks "
+        raise train_util.UsageError("--valid_data_file is needed with --training_data_file: it picks "
                             "the best epoch (hold out about a tenth of your labelled lines for it)")
     for split, path in files.items():
-        du.check_readable(path, f"the {split} data file")
+        data_util.check_readable(path, f"the {split} data file")
     return files
 
 
-def open_run(files: dict[str, str], **fingerprint_extra) -> rd.Run:
+def open_run(files: dict[str, str], **fingerprint_extra) -> run_directory.Run:
     """Lock --ckpt_dir_save and start, resume or refuse (see run_directory); in test mode the
     files are then cut to a small slice inside the run directory."""
-    run, _ = rd.open_for_training(tu.run_dir_flag("ckpt_dir_save"), "classifier",
-                                  tu.run_fingerprint(files, **fingerprint_extra), FLAGS.overwrite,
+    run, _ = run_directory.open_for_training(train_util.run_dir_flag("ckpt_dir_save"), "classifier",
+                                  train_util.run_fingerprint(files, **fingerprint_extra), FLAGS.overwrite,
                                   "--ckpt_dir_save", test_run=FLAGS.test_mode)
     return run
 
 
-def test_mode_slices(run: rd.Run, files: dict[str, str]) -> dict[str, str]:
+def test_mode_slices(run: run_directory.Run, files: dict[str, str]) -> dict[str, str]:
     if not FLAGS.test_mode:
         return files
-    return {split: tu.head_file(path, TEST_MODE_LINES[split],
-                                os.path.join(run.file(rd.TEST_DATA), f"{split}.txt"),
+    return {split: train_util.head_file(path, TEST_MODE_LINES[split],
+                                os.path.join(run.file(run_directory.TEST_DATA), f"{split}.txt"),
                                 FLAGS.encoding)
             for split, path in files.items()}
 
 
-def load_data(run: rd.Run, files: dict[str, str], vocab: du.Vocabulary | None,
+def load_data(run: run_directory.Run, files: dict[str, str], vocab: data_util.Vocabulary | None,
               tokenize_style: str) -> ClassificationData:
     """Labels from the training file; vocabulary given (pretrained) or built from it (scratch)."""
     files = test_mode_slices(run, files)
-    labels = du.build_label_list(files["train"], FLAGS.encoding)
-    du.warn_if_unsegmented(files["train"], tokenize_style, labelled=True, encoding=FLAGS.encoding)
+    labels = data_util.build_label_list(files["train"], FLAGS.encoding)
+    data_util.warn_if_unsegmented(files["train"], tokenize_style, labelled=True, encoding=FLAGS.encoding)
     cache_dir = FLAGS.cache_dir or os.path.join(os.path.dirname(os.path.abspath(files["train"])),
                                                 "cache")
     if vocab is None:
-        vocab = du.load_or_build_vocabulary([files["train"]], tokenize_style, FLAGS.vocab_size,
+        vocab = data_util.load_or_build_vocabulary([files["train"]], tokenize_style, FLAGS.vocab_size,
                                             cache_dir, labelled=True, encoding=FLAGS.encoding,
                                             process_num=FLAGS.process_num)
-    cache = du.load_or_build_classification_cache(files, vocab, labels, FLAGS.sequence_length,
+    cache = data_util.load_or_build_classification_cache(files, vocab, labels, FLAGS.sequence_length,
                                                   tokenize_style, cache_dir, FLAGS.encoding,
                                                   FLAGS.process_num)
-    splits = {split: du.read_classification_split(cache, split) for split in files}
+    splits = {split: data_util.read_classification_split(cache, split) for split in files}
     print(", ".join(f"{split}: {len(ids)} examples" for split, (ids, _) in splits.items())
           + f"; {len(labels)} labels; vocabulary {len(vocab)}")
     return ClassificationData(vocab, labels, tokenize_style, splits, FLAGS.batch_size)
 
 
-def save_run_files(run: rd.Run, data: ClassificationData, config: model.ModelConfig) -> None:
+def save_run_files(run: run_directory.Run, data: ClassificationData, config: model.ModelConfig) -> None:
     """Everything predict.py needs besides the weights and thresholds."""
-    run.write(rd.VOCAB, data.vocab.save)
-    run.write(rd.LABELS, lambda path: du.save_label_list(data.labels, path))
-    run.write_json(rd.CONFIG, config.to_dict())
-    run.write_json(rd.DATA_CONFIG, {"tokenize_style": data.tokenize_style,
+    run.write(run_directory.VOCAB, data.vocab.save)
+    run.write(run_directory.LABELS, lambda path: data_util.save_label_list(data.labels, path))
+    run.write_json(run_directory.CONFIG, config.to_dict())
+    run.write_json(run_directory.DATA_CONFIG, {"tokenize_style": data.tokenize_style,
                                     "sequence_length": FLAGS.sequence_length,
                                     "dropout": 1.0 - FLAGS.dropout_keep_prob,
                                     "num_labels": len(data.labels)})
@@ -209,7 +209,7 @@ def build_and_compile(backbone: keras.Model, num_labels: int, total_steps: int,
     if label_frequencies is not None:
         model.set_label_priors(classifier, label_frequencies)
     warmup = FLAGS.warmup_steps if FLAGS.warmup_steps is not None else total_steps // 10
-    optimizer = tu.make_optimizer(FLAGS.learning_rate, total_steps, warmup, FLAGS.decay_steps,
+    optimizer = train_util.make_optimizer(FLAGS.learning_rate, total_steps, warmup, FLAGS.decay_steps,
                                   FLAGS.decay_rate, FLAGS.weight_decay)
     if backbone_lr_scale is not None and not freeze_backbone:
         optimizer.scale_learning_rate(backbone.trainable_variables, backbone_lr_scale)
@@ -218,7 +218,7 @@ def build_and_compile(backbone: keras.Model, num_labels: int, total_steps: int,
 
 
 def probabilities(classifier: keras.Model, data: ClassificationData, split: str) -> np.ndarray:
-    return tu.sigmoid(model.predict_logits(classifier, data.splits[split][0], FLAGS.batch_size))
+    return train_util.sigmoid(model.predict_logits(classifier, data.splits[split][0], FLAGS.batch_size))
 
 
 def evaluate(classifier: keras.Model, data: ClassificationData, split: str,
@@ -229,50 +229,50 @@ def evaluate(classifier: keras.Model, data: ClassificationData, split: str,
     loss = loss[0] if isinstance(loss, list) else loss
     if probs is None:
         probs = probabilities(classifier, data, split)
-    return {"loss": float(loss), **tu.f1_scores(data.splits[split][1], probs, thresholds)}
+    return {"loss": float(loss), **train_util.f1_scores(data.splits[split][1], probs, thresholds)}
 
 
-def train(classifier: keras.Model, data: ClassificationData, run: rd.Run, epochs: int,
+def train(classifier: keras.Model, data: ClassificationData, run: run_directory.Run, epochs: int,
           frozen_epochs: int = 0) -> list:
     """Fit with F1 on valid each epoch; keep the best weights; stop early; resume after a crash.
     `frozen_epochs`: epochs at the start in which the backbone does not move (gradual
     unfreezing; needs a classifier built with a backbone_lr_scale). Returns the history."""
-    done, ended, best_state = rd.restore(run, classifier, epochs)
+    done, ended, best_state = run_directory.restore(run, classifier, epochs)
     valid_ids, valid_gold = data.splits["valid"]
-    best = rd.BestEpoch(run, "val_f1", "max",
-                        lambda: run.save_weights(classifier, rd.CLASSIFIER_WEIGHTS),
+    best = run_directory.BestEpoch(run, "val_f1", "max",
+                        lambda: run.save_weights(classifier, run_directory.CLASSIFIER_WEIGHTS),
                         FLAGS.early_stopping_patience, best_state)
-    callbacks = [tu.F1Evaluation(valid_ids, valid_gold, FLAGS.batch_size,
+    callbacks = [train_util.F1Evaluation(valid_ids, valid_gold, FLAGS.batch_size,
                                  tune=FLAGS.decision_rule == "tuned")]
     if frozen_epochs:
-        callbacks.append(tu.SetBackboneScale(classifier.optimizer, frozen_epochs))
-    callbacks += [best, keras.callbacks.TensorBoard(run.file(rd.LOGS)), rd.EpochBackup(run, best)]
+        callbacks.append(train_util.SetBackboneScale(classifier.optimizer, frozen_epochs))
+    callbacks += [best, keras.callbacks.TensorBoard(run.file(run_directory.LOGS)), run_directory.EpochBackup(run, best)]
     if not ended:
         classifier.fit(data.dataset("train", shuffle=True, seed=FLAGS.seed),
                        validation_data=data.dataset("valid"), epochs=epochs, initial_epoch=done,
                        callbacks=callbacks, shuffle=False, verbose=2 if FLAGS.test_mode else "auto")
-    classifier.load_weights(run.verified(rd.CLASSIFIER_WEIGHTS))
-    return rd.read_json_file(run.file(rd.HISTORY), [])
+    classifier.load_weights(run.verified(run_directory.CLASSIFIER_WEIGHTS))
+    return run_directory.read_json_file(run.file(run_directory.HISTORY), [])
 
 
 def choose_thresholds(classifier: keras.Model, data: ClassificationData,
-                      run: rd.Run) -> np.ndarray | None:
+                      run: run_directory.Run) -> np.ndarray | None:
     """--decision_rule=tuned: per-label thresholds from the validation split, saved for
     predict.py in thresholds.json; 'half': None (p >= 0.5)."""
     if FLAGS.decision_rule == "half":
         return None
-    thresholds = tu.tune_thresholds(data.splits["valid"][1],
+    thresholds = train_util.tune_thresholds(data.splits["valid"][1],
                                     probabilities(classifier, data, "valid"))
-    run.write_json(rd.THRESHOLDS,
+    run.write_json(run_directory.THRESHOLDS,
                    {"rule": "tuned on the validation split",
                     "thresholds": {name: float(t) for name, t in zip(data.labels, thresholds)}})
     return thresholds
 
 
-def report(classifier: keras.Model, data: ClassificationData, run: rd.Run, history: list,
+def report(classifier: keras.Model, data: ClassificationData, run: run_directory.Run, history: list,
            title: str) -> dict[str, float]:
     """Test-set scores + per-label file, the history plot; returns the test scores."""
-    run.write(rd.HISTORY_PLOT, lambda path: tu.plot_history(
+    run.write(run_directory.HISTORY_PLOT, lambda path: train_util.plot_history(
         history, ["val_f1", "val_micro_f1", "val_macro_f1"], path, title))
     thresholds = choose_thresholds(classifier, data, run)
     split = "test" if "test" in data.splits else "valid"
@@ -280,7 +280,7 @@ def report(classifier: keras.Model, data: ClassificationData, run: rd.Run, histo
     scores = evaluate(classifier, data, split, thresholds, probs)
     run.write_json(f"{split}_report.json",
                    {"split": split, "decision_rule": FLAGS.decision_rule, **scores,
-                    "per_label": tu.per_label_report(data.splits[split][1], probs, data.labels,
+                    "per_label": train_util.per_label_report(data.splits[split][1], probs, data.labels,
                                                      thresholds)})
     best = max(history, key=lambda h: h.get("val_f1", -1.0)) if history else {}
     return {f"{split}_micro_f1": scores["micro_f1"], f"{split}_macro_f1": scores["macro_f1"],
@@ -289,7 +289,7 @@ def report(classifier: keras.Model, data: ClassificationData, run: rd.Run, histo
 
 
 # ------------------------------------------------------------------------------ toy task
-TOY_VOCAB_SIZE = len(du.SPECIAL_TOKENS) + 2  # the two "bit" tokens follow the special ids
+TOY_VOCAB_SIZE = len(data_util.SPECIAL_TOKENS) + 2  # the two "bit" tokens follow the special ids
 
 
 def toy_task_data(num_examples: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -299,7 +299,7 @@ def toy_task_data(num_examples: int, length: int, seed: int) -> tuple[np.ndarray
     int32 [N, length+1] and labels float32 [N, 1].
     """
     bits = np.random.default_rng(seed).integers(0, 2, size=(num_examples, length))
-    ids = np.concatenate([np.full((num_examples, 1), du.CLS_ID), bits + len(du.SPECIAL_TOKENS)],
+    ids = np.concatenate([np.full((num_examples, 1), data_util.CLS_ID), bits + len(data_util.SPECIAL_TOKENS)],
                          axis=1).astype(np.int32)
     labels = (bits.sum(axis=1) > length / 2 + 1).astype(np.float32)[:, None]
     return ids, labels

@@ -20,10 +20,10 @@ import sys
 import numpy as np
 from absl import app, flags
 
-import data_util_hdf5 as du
+import data_util_hdf5 as data_util
 import model
-import run_directory as rd
-import train_util as tu
+import run_directory
+import train_util
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt_dir", "runs/ft", "Run directory written by train_bert_fine_tuning.py "
@@ -45,50 +45,50 @@ class Predictor:
     """A classifier run directory, ready to turn text into label probabilities."""
 
     def __init__(self, run_dir: str):
-        run = rd.open_finished(run_dir, "classifier", "--ckpt_dir")
-        self.vocab = du.Vocabulary.load(run.verified(rd.VOCAB))
-        self.labels = du.load_label_list(run.verified(rd.LABELS))
-        info = run.read_json_object(rd.DATA_CONFIG)
+        run = run_directory.open_finished(run_dir, "classifier", "--ckpt_dir")
+        self.vocab = data_util.Vocabulary.load(run.verified(run_directory.VOCAB))
+        self.labels = data_util.load_label_list(run.verified(run_directory.LABELS))
+        info = run.read_json_object(run_directory.DATA_CONFIG)
         try:
             self.tokenize_style = info["tokenize_style"]
             self.sequence_length, dropout = int(info["sequence_length"]), float(info["dropout"])
         except (KeyError, TypeError, ValueError):
-            raise du.DataError(f"{run.file(rd.DATA_CONFIG)}: needs tokenize_style, "
+            raise data_util.DataError(f"{run.file(run_directory.DATA_CONFIG)}: needs tokenize_style, "
                                "sequence_length and dropout; train again") from None
         self.thresholds = self._read_thresholds(run)
-        config = model.ModelConfig.from_json(run.verified(rd.CONFIG))
+        config = model.ModelConfig.from_json(run.verified(run_directory.CONFIG))
         self.classifier = model.build_classifier(model.build_backbone(config), len(self.labels),
                                                  dropout)
-        weights = run.verified(rd.CLASSIFIER_WEIGHTS)
+        weights = run.verified(run_directory.CLASSIFIER_WEIGHTS)
         try:
             self.classifier.load_weights(weights)
         except (OSError, ValueError) as error:
-            raise du.DataError(f"{weights} does not fit its config.json "
+            raise data_util.DataError(f"{weights} does not fit its config.json "
                                f"({str(error).splitlines()[0][:120]}); the run directory mixes "
                                "files of different runs, train it again") from None
 
-    def _read_thresholds(self, run: rd.Run) -> np.ndarray | None:
+    def _read_thresholds(self, run: run_directory.Run) -> np.ndarray | None:
         """Per-label thresholds in labels.txt order, or None (p >= 0.5) when the run has none."""
-        if not os.path.exists(run.file(rd.THRESHOLDS)):
+        if not os.path.exists(run.file(run_directory.THRESHOLDS)):
             return None
-        path = run.verified(rd.THRESHOLDS)
-        saved = rd.read_json_file(path).get("thresholds")
+        path = run.verified(run_directory.THRESHOLDS)
+        saved = run_directory.read_json_file(path).get("thresholds")
         if not isinstance(saved, dict) or sorted(saved) != sorted(self.labels):
-            raise du.DataError(f"{path} names other labels than labels.txt beside it; the run "
+            raise data_util.DataError(f"{path} names other labels than labels.txt beside it; the run "
                                "directory mixes files of different runs, train it again")
         return np.array([saved[label] for label in self.labels])
 
     def choose(self, probabilities: np.ndarray, rule: str = "run") -> np.ndarray:
         """Multi-hot [N, labels]: the run's decision rule, or p >= 0.5 with rule='half'."""
-        return tu.predict_labels(probabilities, self.thresholds if rule == "run" else None)
+        return train_util.predict_labels(probabilities, self.thresholds if rule == "run" else None)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        rows = [du.encode_example(du.tokenize(du.parse_label_line(t)[0], self.tokenize_style),
+        rows = [data_util.encode_example(data_util.tokenize(data_util.parse_label_line(t)[0], self.tokenize_style),
                                   self.vocab, self.sequence_length) for t in texts]
         return np.array(rows, np.int32)
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
-        return tu.sigmoid(model.predict_logits(self.classifier, self.encode(texts), 64))
+        return train_util.sigmoid(model.predict_logits(self.classifier, self.encode(texts), 64))
 
     def export(self, export_dir: str) -> None:
         export_classifier(self.classifier, export_dir)
@@ -107,15 +107,15 @@ def export_classifier(classifier, export_dir: str) -> None:
     archive.track(classifier)
     archive.add_endpoint("serve", serve, input_signature=[
         tf.TensorSpec([None, None], tf.int32, name="token_ids")])
-    rd.write_directory_atomically(export_dir, archive.write_out)
+    run_directory.write_directory_atomically(export_dir, archive.write_out)
 
 
 def read_documents(path: str | None, encoding: str):
     if path is None:
-        du.check_encoding(encoding)
-        yield from du.decode_lines(sys.stdin.buffer, "<stdin>", encoding)
+        data_util.check_encoding(encoding)
+        yield from data_util.decode_lines(sys.stdin.buffer, "<stdin>", encoding)
     else:
-        yield from du.read_lines(path, encoding)
+        yield from data_util.read_lines(path, encoding)
 
 
 def predict_lines(predictor: Predictor, documents, batch_size: int, min_prob: float,
@@ -144,10 +144,10 @@ def _score(predictor: Predictor, batch: list, min_prob: float, rule: str):
 def main(_):
     if FLAGS.export_dir and os.path.exists(FLAGS.export_dir) and not os.path.isdir(
             FLAGS.export_dir):
-        tu.fail(f"--export_dir={FLAGS.export_dir} is a file; give a directory")
+        train_util.fail(f"--export_dir={FLAGS.export_dir} is a file; give a directory")
     if FLAGS.batch_size < 1:
-        tu.fail(f"--batch_size={FLAGS.batch_size} must be at least 1")
-    predictor = Predictor(tu.run_dir_flag("ckpt_dir"))
+        train_util.fail(f"--batch_size={FLAGS.batch_size} must be at least 1")
+    predictor = Predictor(train_util.run_dir_flag("ckpt_dir"))
     if FLAGS.export_dir:
         predictor.export(FLAGS.export_dir)
         print(f"exported SavedModel to {FLAGS.export_dir}", file=sys.stderr)
@@ -160,8 +160,8 @@ def main(_):
                                 FLAGS.decision_rule):
         print(json.dumps(result, ensure_ascii=False), flush=False)
         count += 1
-    print(f"predict documents={count} ckpt_dir={tu.run_dir_flag('ckpt_dir')}", file=sys.stderr)
+    print(f"predict documents={count} ckpt_dir={train_util.run_dir_flag('ckpt_dir')}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(tu.guard(main))
+    app.run(train_util.guard(main))

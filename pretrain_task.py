@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-import data_util_hdf5 as du
+import data_util_hdf5 as data_util
 
 # Tokens that end a sentence. Splitting happens on tokens, so it works for every tokenize style.
 SENTENCE_END_TOKENS = frozenset("。！？；!?;…") | {"……", "！！", "？？"}
@@ -44,19 +44,19 @@ class Corpus:
 
 def load_or_build_corpus_cache(corpus_file: str, tokenize_style: str, vocab_size: int,
                                cache_dir: str, encoding: str = "utf-8",
-                               process_num: int | None = None) -> tuple[du.Vocabulary, str]:
+                               process_num: int | None = None) -> tuple[data_util.Vocabulary, str]:
     """The corpus's vocabulary and HDF5 token cache (one document a line), tokenizing it once."""
-    return du.load_or_build_corpus(corpus_file, tokenize_style, vocab_size, cache_dir, encoding,
+    return data_util.load_or_build_corpus(corpus_file, tokenize_style, vocab_size, cache_dir, encoding,
                                    process_num)
 
 
-def read_corpus(cache_file: str, vocab: du.Vocabulary) -> Corpus:
+def read_corpus(cache_file: str, vocab: data_util.Vocabulary) -> Corpus:
     """Documents from a token cache, cut into sentences after every sentence-ending token."""
-    tokens, document_starts = du.read_token_cache(cache_file)
+    tokens, document_starts = data_util.read_token_cache(cache_file)
     if len(document_starts) < 2:
-        raise du.DataError(f"{cache_file}: the pretraining corpus holds no text; give "
+        raise data_util.DataError(f"{cache_file}: the pretraining corpus holds no text; give "
                            "--mask_lm_source_file a file with one document a line")
-    end_ids = np.array(sorted({vocab.id_of(t) for t in SENTENCE_END_TOKENS} - {du.UNK_ID}))
+    end_ids = np.array(sorted({vocab.id_of(t) for t in SENTENCE_END_TOKENS} - {data_util.UNK_ID}))
     after_end = np.flatnonzero(np.isin(tokens, end_ids)) + 1
     sentence_offsets = np.union1d(after_end, document_starts).astype(np.int64)
     document_offsets = np.searchsorted(sentence_offsets, document_starts).astype(np.int64)
@@ -90,18 +90,18 @@ def pack_sequences(corpus: Corpus, sequence_length: int) -> np.ndarray:
     """
     # Filled in place (a buffer that doubles when full): Python lists of ids would cost ~30x
     # the memory of the int32 rows on a large corpus.
-    packed = np.full((max(16, corpus.num_documents // 2), sequence_length), du.PAD_ID, np.int32)
+    packed = np.full((max(16, corpus.num_documents // 2), sequence_length), data_util.PAD_ID, np.int32)
     row, used = 0, 1
-    packed[0, 0] = du.CLS_ID
+    packed[0, 0] = data_util.CLS_ID
     for d in range(corpus.num_documents):
         for chunk in _chunks_of(corpus.document_sentences(d), sequence_length - 2):
             if used + len(chunk) + 1 > sequence_length:
                 row, used = row + 1, 1
                 if row == len(packed):
-                    packed = np.concatenate([packed, np.full_like(packed, du.PAD_ID)])
-                packed[row, 0] = du.CLS_ID
+                    packed = np.concatenate([packed, np.full_like(packed, data_util.PAD_ID)])
+                packed[row, 0] = data_util.CLS_ID
             packed[row, used:used + len(chunk)] = chunk
-            packed[row, used + len(chunk)] = du.SEP_ID
+            packed[row, used + len(chunk)] = data_util.SEP_ID
             used += len(chunk) + 1
     return packed[:row + (used > 1)].copy()
 
@@ -128,7 +128,7 @@ def make_nsp_pairs(corpus: Corpus, sequence_length: int, seed: int
             segments.append(seg)
             labels.append(int(is_next))
     if not rows:
-        raise du.DataError("the pretraining corpus has no document with two or more tokens; "
+        raise data_util.DataError("the pretraining corpus has no document with two or more tokens; "
                            "--use_nsp needs longer documents")
     return np.stack(rows), np.stack(segments), np.array(labels, np.int32)
 
@@ -149,8 +149,8 @@ def _random_other_chunk(flat: list, doc_index: int, rng: np.random.Generator) ->
 
 
 def _pair_row(a: np.ndarray, b: np.ndarray, sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.concatenate([[du.CLS_ID], a, [du.SEP_ID], b, [du.SEP_ID]])
-    row = np.full(sequence_length, du.PAD_ID, np.int32)
+    ids = np.concatenate([[data_util.CLS_ID], a, [data_util.SEP_ID], b, [data_util.SEP_ID]])
+    row = np.full(sequence_length, data_util.PAD_ID, np.int32)
     row[:len(ids)] = ids
     segment = np.zeros(sequence_length, np.int32)
     segment[len(a) + 2:len(ids)] = 1
@@ -173,7 +173,7 @@ def mask_tokens(token_ids: tf.Tensor, vocab_size: int, mask_rate: float, max_pre
     at least one, at most P.
     """
     token_ids = tf.convert_to_tensor(token_ids, tf.int32)
-    candidates = token_ids >= len(du.SPECIAL_TOKENS)
+    candidates = token_ids >= len(data_util.SPECIAL_TOKENS)
     count = tf.reduce_sum(tf.cast(candidates, tf.float32), axis=1)
     wanted = tf.clip_by_value(tf.round(count * mask_rate), 1.0, float(max_predictions))
     scores = tf.where(candidates, generator.uniform(tf.shape(token_ids)), -1.0)
@@ -182,12 +182,12 @@ def mask_tokens(token_ids: tf.Tensor, vocab_size: int, mask_rate: float, max_pre
     used = (slot < wanted[:, tf.newaxis]) & (top_scores >= 0.0)
     positions = tf.where(used, positions, 0)
     original = tf.gather(token_ids, positions, batch_dims=1)
-    masked_ids = tf.where(used, original, du.PAD_ID)
+    masked_ids = tf.where(used, original, data_util.PAD_ID)
 
     choice = generator.uniform(tf.shape(positions))
-    random_ids = generator.uniform(tf.shape(positions), len(du.SPECIAL_TOKENS), vocab_size,
+    random_ids = generator.uniform(tf.shape(positions), len(data_util.SPECIAL_TOKENS), vocab_size,
                                    dtype=tf.int32)
-    replacement = tf.where(choice < 0.8, du.MASK_ID, tf.where(choice < 0.9, random_ids, original))
+    replacement = tf.where(choice < 0.8, data_util.MASK_ID, tf.where(choice < 0.9, random_ids, original))
     batch_index = tf.broadcast_to(tf.range(tf.shape(positions)[0])[:, tf.newaxis],
                                   tf.shape(positions))
     indices = tf.stack([batch_index, positions], axis=-1)
@@ -219,7 +219,7 @@ def make_pretraining_dataset(token_ids: np.ndarray, vocab_size: int, batch_size:
     def to_example(batch: dict) -> tuple[dict, dict]:
         masked = mask_tokens(batch["token_ids"], vocab_size, mask_rate, max_predictions, generator)
         features = {"token_ids": masked["token_ids"], "segment_ids": batch["segment_ids"],
-                    "padding_mask": tf.cast(batch["token_ids"] != du.PAD_ID, tf.int32),
+                    "padding_mask": tf.cast(batch["token_ids"] != data_util.PAD_ID, tf.int32),
                     "masked_positions": masked["masked_positions"]}
         targets = {"mlm": masked["masked_ids"]}
         if "nsp" in batch:
@@ -241,7 +241,7 @@ def split_documents(corpus: Corpus, valid_fraction: float, seed: int) -> tuple[C
     order = np.random.default_rng(seed).permutation(corpus.num_documents)
     num_valid = min(max(1, round(corpus.num_documents * valid_fraction)), corpus.num_documents - 1)
     if num_valid < 1:
-        raise du.DataError("the pretraining corpus needs at least two documents (lines) to hold "
+        raise data_util.DataError("the pretraining corpus needs at least two documents (lines) to hold "
                            "one out for validation")
     return (subset_documents(corpus, np.sort(order[num_valid:])),
             subset_documents(corpus, np.sort(order[:num_valid])))

@@ -28,7 +28,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-import data_util_hdf5 as du
+import data_util_hdf5 as data_util
 
 # ---------------------------------------------------------------------------- file names
 MANIFEST = "run.json"
@@ -93,16 +93,16 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
     temporary file is removed and `path` keeps its previous content. A full disk or a refused
     write becomes a RunError naming the file."""
     temporary = temporary_name(path)
-    with du.quiet_failed_hdf5_writes():
+    with data_util.quiet_failed_hdf5_writes():
         try:
             write(temporary)
             with open(temporary, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(temporary, path)
         except BaseException as error:
-            du.remove_quietly(temporary)
-            if du.is_disk_full(error):
-                raise du.DiskFullError(f"{path}: no space left on the device; free disk space, "
+            data_util.remove_quietly(temporary)
+            if data_util.is_disk_full(error):
+                raise data_util.DiskFullError(f"{path}: no space left on the device; free disk space, "
                                        "then rerun the same command to resume") from None
             if isinstance(error, OSError):
                 raise RunError(f"{path}: cannot write ({error.strerror or error}); fix the "
@@ -150,11 +150,11 @@ def sweep_temporaries(directory: str) -> int:
     removed = 0
     for path in glob.glob(os.path.join(glob.escape(directory), f"{TEMPORARY_PREFIX}*")):
         pid = os.path.basename(path)[len(TEMPORARY_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not du.process_alive(int(pid)):
+        if pid.isdigit() and not data_util.process_alive(int(pid)):
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                du.remove_quietly(path)
+                data_util.remove_quietly(path)
             removed += 1
     return removed
 
@@ -204,7 +204,7 @@ class Run:
         self.write(name, write)
 
     def save_weights(self, model: keras.Model, name: str) -> None:
-        du.ensure_free_space(self.file(name), weights_bytes(model))
+        data_util.ensure_free_space(self.file(name), weights_bytes(model))
         self.write(name, model.save_weights)
 
     def finish(self, summary: dict) -> None:
@@ -221,7 +221,7 @@ class Run:
 
     def release(self) -> None:
         if self._locked:
-            du.remove_quietly(self.file(LOCK))
+            data_util.remove_quietly(self.file(LOCK))
             self._locked = False
 
     def _save_manifest(self) -> None:
@@ -330,7 +330,7 @@ def _lock(run: Run, flag: str) -> None:
             if holder is not None:
                 raise RunError(f"{flag}={run.path} is in use by another run (PID {holder}, see "
                                f"{lock}); wait for it to end or choose another directory")
-            du.remove_quietly(lock)  # its holder was killed
+            data_util.remove_quietly(lock)  # its holder was killed
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me + "\n")
@@ -353,7 +353,7 @@ def _read_lock(lock: str) -> str | None:
         return None
     if host and host != socket.gethostname():
         return f"{pid} on {host}"  # cannot tell whether it lives: assume it does
-    return pid if du.process_alive(int(pid)) and int(pid) != os.getpid() else None
+    return pid if data_util.process_alive(int(pid)) and int(pid) != os.getpid() else None
 
 
 def _decide(run: Run, fingerprint: dict, overwrite: bool, flag: str, test_run: bool) -> bool:
@@ -400,7 +400,7 @@ def _describe(manifest: dict) -> str:
 
 def _clear(run: Run) -> None:
     for name in ARTEFACTS + (MANIFEST,):
-        du.remove_quietly(run.file(name))
+        data_util.remove_quietly(run.file(name))
     for name in ARTEFACT_DIRS:
         shutil.rmtree(run.file(name), ignore_errors=True)
 
@@ -439,13 +439,13 @@ class EpochBackup(keras.callbacks.Callback):
         if weights:
             name = f"epoch-{epoch:04d}.weights.h5"
             path = os.path.join(self.directory, name)
-            du.ensure_free_space(path, weights_bytes(self.model))
+            data_util.ensure_free_space(path, weights_bytes(self.model))
             write_atomically(path, self.model.save_weights)
         write_json_file(os.path.join(self.directory, "state.json"),
                         {"epoch": epoch, "weights": name, "training_done": done,
                          **self.best.state()})
         if previous.get("weights") not in (None, name):
-            du.remove_quietly(os.path.join(self.directory, previous["weights"]))
+            data_util.remove_quietly(os.path.join(self.directory, previous["weights"]))
 
 
 def restore(run: Run, model: keras.Model, epochs: int) -> tuple[int, bool, dict]:

@@ -20,16 +20,16 @@ epochs, and per-label thresholds are tuned on validation.
 """
 from absl import app, flags
 
-import classifier_task as ct
-import data_util_hdf5 as du
+import classifier_task
+import data_util_hdf5 as data_util
 import model
-import run_directory as rd
-import train_util as tu
+import run_directory
+import train_util
 
 FLAGS = flags.FLAGS
 # The head's rate; the pretrained backbone moves at --backbone_lr_scale times it (see below). The
 # original's 1e-5 for everything learns almost nothing in a run of a few hundred steps.
-ct.define_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/ft")
+classifier_task.define_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/ft")
 flags.DEFINE_string("pretrained_dir", "runs/lm", "Run directory of train_bert_lm.py (its "
                     "--ckpt_dir): config.json, vocab.txt, data_config.json, backbone.weights.h5. "
                     "Test mode reads runs/test_lm unless the flag is given.")
@@ -51,54 +51,54 @@ flags.DEFINE_boolean("freeze_backbone", False, "Train only the classifier head o
 
 def main(_):
     # --------------------------------------------------------------------- setup
-    ct.validate_flags()
-    timer, strategy = tu.start_run()
-    pretrained = rd.open_finished(tu.run_dir_flag("pretrained_dir"), "pretrain",
+    classifier_task.validate_flags()
+    timer, strategy = train_util.start_run()
+    pretrained = run_directory.open_finished(train_util.run_dir_flag("pretrained_dir"), "pretrain",
                                   "--pretrained_dir")
-    style = pretrained.read_json_object(rd.DATA_CONFIG).get("tokenize_style")
-    if style not in du.TOKENIZE_STYLES:
-        tu.fail(f"{pretrained.file(rd.DATA_CONFIG)}: tokenize_style {style!r} is not one of "
-                f"{', '.join(du.TOKENIZE_STYLES)}; pretrain again")
+    style = pretrained.read_json_object(run_directory.DATA_CONFIG).get("tokenize_style")
+    if style not in data_util.TOKENIZE_STYLES:
+        train_util.fail(f"{pretrained.file(run_directory.DATA_CONFIG)}: tokenize_style {style!r} is not one of "
+                f"{', '.join(data_util.TOKENIZE_STYLES)}; pretrain again")
     if FLAGS.tokenize_style not in (None, style):
-        tu.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
-                f"'{style}' ({pretrained.file(rd.DATA_CONFIG)}); drop the flag")
+        train_util.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
+                f"'{style}' ({pretrained.file(run_directory.DATA_CONFIG)}); drop the flag")
     # checked before tokenizing, so that a bad length does not wait for the data
-    model.ModelConfig.from_json(pretrained.verified(rd.CONFIG)).check_sequence_length(
+    model.ModelConfig.from_json(pretrained.verified(run_directory.CONFIG)).check_sequence_length(
         FLAGS.sequence_length)
-    vocab = du.Vocabulary.load(pretrained.verified(rd.VOCAB))
-    files = ct.data_files()
-    run = ct.open_run(files, pretrained=pretrained.manifest.get("checksums"))
+    vocab = data_util.Vocabulary.load(pretrained.verified(run_directory.VOCAB))
+    files = classifier_task.data_files()
+    run = classifier_task.open_run(files, pretrained=pretrained.manifest.get("checksums"))
 
     # ---------------------------------------------------------------------- data
-    data = ct.load_data(run, files, vocab, style)
-    epochs = tu.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
+    data = classifier_task.load_data(run, files, vocab, style)
+    epochs = train_util.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
 
     # --------------------------------------------------------------------- model
     with strategy.scope():
-        backbone, config = model.load_backbone(pretrained.verified(rd.CONFIG),
-                                               pretrained.verified(rd.BACKBONE_WEIGHTS),
+        backbone, config = model.load_backbone(pretrained.verified(run_directory.CONFIG),
+                                               pretrained.verified(run_directory.BACKBONE_WEIGHTS),
                                                expected_vocab_size=len(vocab),
                                                dropout=1.0 - FLAGS.dropout_keep_prob)
-        classifier = ct.build_and_compile(backbone, len(data.labels),
+        classifier = classifier_task.build_and_compile(backbone, len(data.labels),
                                           epochs * data.steps_per_epoch(),
                                           data.label_frequencies(), FLAGS.backbone_lr_scale,
                                           FLAGS.freeze_backbone)
-    ct.save_run_files(run, data, config)
-    start = ct.evaluate(classifier, data, "valid")
+    classifier_task.save_run_files(run, data, config)
+    start = classifier_task.evaluate(classifier, data, "valid")
     print(f"before fine-tuning: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f} "
           f"(micro {start['micro_f1']:.4f}, macro {start['macro_f1']:.4f})")
 
     # ----------------------------------------------------------------------- fit
-    history = ct.train(classifier, data, run, epochs,
+    history = classifier_task.train(classifier, data, run, epochs,
                        0 if FLAGS.freeze_backbone else FLAGS.frozen_epochs)
 
     # -------------------------------------------------------------------- report
-    scores = ct.report(classifier, data, run, history, "fine-tuning: validation F1")
+    scores = classifier_task.report(classifier, data, run, history, "fine-tuning: validation F1")
     run.finish(scores)
-    tu.summary_line("fine_tune", **scores, initial_valid_loss=start["loss"],
+    train_util.summary_line("fine_tune", **scores, initial_valid_loss=start["loss"],
                     initial_valid_f1=start["f1"], epochs=len(history), seconds=timer.seconds(),
                     ckpt_dir=run.path)
 
 
 if __name__ == "__main__":
-    app.run(tu.guard(main))
+    app.run(train_util.guard(main))

@@ -20,17 +20,17 @@ import os
 import keras
 from absl import app, flags
 
-import data_util_hdf5 as du
+import data_util_hdf5 as data_util
 import model
-import pretrain_task as pt
-import run_directory as rd
-import train_util as tu
+import pretrain_task
+import run_directory
+import train_util
 from data.prepare import ensure_sample_data
 
 FLAGS = flags.FLAGS
-tu.define_common_flags(1e-4, 0.01, "Use only the first few thousand corpus lines, the tiny "
+train_util.define_common_flags(1e-4, 0.01, "Use only the first few thousand corpus lines, the tiny "
                        "preset and one epoch, so the whole job finishes in about a minute.")
-tu.define_model_flags()
+train_util.define_model_flags()
 flags.DEFINE_string("mask_lm_source_file", None, "Unlabelled text for pretraining, one document a "
                     "line, its words separated by spaces (or give --tokenize_style=word/char for "
                     "raw text). Default: the sample corpus, <data_path>/pretrain_corpus.txt.")
@@ -48,9 +48,9 @@ flags.DEFINE_float("valid_fraction", 0.05, "Fraction of corpus documents held ou
 
 def validate_flags() -> None:
     """Values that cannot work, refused in one line before any file is touched."""
-    tu.validate_common_flags()
+    train_util.validate_common_flags()
     shortest = 5 if FLAGS.use_nsp else 3  # [CLS] A [SEP] (B [SEP]), one token a segment
-    tu.check_flag_values([
+    train_util.check_flag_values([
         ("sequence_length_lm", FLAGS.sequence_length_lm >= shortest, f"at least {shortest}"),
         ("mask_rate", 0 < FLAGS.mask_rate < 1, "between 0 and 1 (exclusive)"),
         ("valid_fraction", 0 < FLAGS.valid_fraction < 1, "between 0 and 1 (exclusive)")])
@@ -60,14 +60,14 @@ def validate_flags() -> None:
 def main(_):
     # --------------------------------------------------------------------- setup
     validate_flags()
-    timer, strategy = tu.start_run()
+    timer, strategy = train_util.start_run()
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
-    epochs = tu.epochs_to_run(test_mode_default=1)
+    epochs = train_util.epochs_to_run(test_mode_default=1)
     corpus_file = FLAGS.mask_lm_source_file or ensure_sample_data(FLAGS.data_path)["pretrain"]
-    du.check_readable(corpus_file, "the pretraining corpus, --mask_lm_source_file")
+    data_util.check_readable(corpus_file, "the pretraining corpus, --mask_lm_source_file")
     style = FLAGS.tokenize_style or "space"
-    run, _ = rd.open_for_training(tu.run_dir_flag("ckpt_dir"), "pretrain",
-                                  tu.run_fingerprint({"corpus": corpus_file}, tokenize=style,
+    run, _ = run_directory.open_for_training(train_util.run_dir_flag("ckpt_dir"), "pretrain",
+                                  train_util.run_fingerprint({"corpus": corpus_file}, tokenize=style,
                                                      model_preset=preset),
                                   FLAGS.overwrite, "--ckpt_dir", test_run=FLAGS.test_mode)
 
@@ -75,23 +75,23 @@ def main(_):
     cache_dir = FLAGS.cache_dir or os.path.join(
         os.path.dirname(os.path.abspath(corpus_file)), "cache")
     if FLAGS.test_mode:
-        corpus_file = tu.head_file(corpus_file, 3000, run.file("test_corpus.txt"),
+        corpus_file = train_util.head_file(corpus_file, 3000, run.file("test_corpus.txt"),
                                    FLAGS.encoding)
-    du.warn_if_unsegmented(corpus_file, style, encoding=FLAGS.encoding)
-    vocab, cache = pt.load_or_build_corpus_cache(corpus_file, style, FLAGS.vocab_size, cache_dir,
+    data_util.warn_if_unsegmented(corpus_file, style, encoding=FLAGS.encoding)
+    vocab, cache = pretrain_task.load_or_build_corpus_cache(corpus_file, style, FLAGS.vocab_size, cache_dir,
                                                  FLAGS.encoding, FLAGS.process_num)
-    run.write(rd.VOCAB, vocab.save)
-    run.write_json(rd.DATA_CONFIG, {"tokenize_style": style, "vocab_size": len(vocab),
+    run.write(run_directory.VOCAB, vocab.save)
+    run.write_json(run_directory.DATA_CONFIG, {"tokenize_style": style, "vocab_size": len(vocab),
                                     "sequence_length_lm": FLAGS.sequence_length_lm})
-    train_corpus, valid_corpus = pt.split_documents(pt.read_corpus(cache, vocab),
+    train_corpus, valid_corpus = pretrain_task.split_documents(pretrain_task.read_corpus(cache, vocab),
                                                     FLAGS.valid_fraction,
                                                     FLAGS.seed)
     train_ds, valid_ds, steps = make_datasets(train_corpus, valid_corpus, len(vocab))
     print(f"pretraining: {steps} steps an epoch, {epochs} epochs, vocabulary {len(vocab)}")
 
     # --------------------------------------------------------------------- model
-    config = tu.config_from_flags(len(vocab), preset)
-    run.write_json(rd.CONFIG, config.to_dict())
+    config = train_util.config_from_flags(len(vocab), preset)
+    run.write_json(run_directory.CONFIG, config.to_dict())
     # Transformers are known to need a warm-up; 10% of an epoch unless the flag says otherwise.
     warmup = FLAGS.warmup_steps
     if warmup is None:
@@ -99,31 +99,31 @@ def main(_):
     with strategy.scope():
         backbone = model.build_backbone(config)
         pretrainer = model.build_pretraining_model(backbone, use_nsp=FLAGS.use_nsp)
-        optimizer = tu.make_optimizer(FLAGS.learning_rate, steps * epochs, warmup,
+        optimizer = train_util.make_optimizer(FLAGS.learning_rate, steps * epochs, warmup,
                                       FLAGS.decay_steps, FLAGS.decay_rate, FLAGS.weight_decay)
         model.compile_pretraining_model(pretrainer, optimizer, FLAGS.use_nsp, FLAGS.jit_compile)
-        done, ended, best_state = rd.restore(run, pretrainer, epochs)
+        done, ended, best_state = run_directory.restore(run, pretrainer, epochs)
 
     # ----------------------------------------------------------------------- fit
-    best = rd.BestEpoch(run, "val_mlm_loss", "min",
-                        lambda: run.save_weights(backbone, rd.BACKBONE_WEIGHTS),
+    best = run_directory.BestEpoch(run, "val_mlm_loss", "min",
+                        lambda: run.save_weights(backbone, run_directory.BACKBONE_WEIGHTS),
                         restored=best_state)
-    callbacks = [best, keras.callbacks.TensorBoard(run.file(rd.LOGS)), rd.EpochBackup(run, best)]
+    callbacks = [best, keras.callbacks.TensorBoard(run.file(run_directory.LOGS)), run_directory.EpochBackup(run, best)]
     if not ended:
         pretrainer.fit(train_ds, validation_data=valid_ds, epochs=epochs, initial_epoch=done,
                        callbacks=callbacks, shuffle=False,
                        verbose=2 if FLAGS.test_mode else "auto")
 
     # -------------------------------------------------------------------- report
-    history = rd.read_json_file(run.file(rd.HISTORY), [])
-    run.write(rd.HISTORY_PLOT, lambda path: tu.plot_history(
+    history = run_directory.read_json_file(run.file(run_directory.HISTORY), [])
+    run.write(run_directory.HISTORY_PLOT, lambda path: train_util.plot_history(
         history, ["mlm_loss", "val_mlm_loss"], path, f"masked-LM pretraining ({FLAGS.backbone})"))
     best_epoch = min(history, key=lambda h: h["val_mlm_loss"])
     extra = {"best_valid_nsp_accuracy": best_epoch["val_nsp_accuracy"]} if FLAGS.use_nsp else {}
     scores = {"best_valid_mlm_loss": best_epoch["val_mlm_loss"],
               "best_valid_mlm_accuracy": best_epoch["val_mlm_accuracy"], **extra}
     run.finish(scores)
-    tu.summary_line("pretrain", backbone=FLAGS.backbone, **scores,
+    train_util.summary_line("pretrain", backbone=FLAGS.backbone, **scores,
                     epochs=len(history), steps=steps * len(history), seconds=timer.seconds(),
                     ckpt_dir=run.path)
 
@@ -131,19 +131,19 @@ def main(_):
 def make_datasets(train_corpus, valid_corpus, vocab_size: int):
     length, rate, batch = FLAGS.sequence_length_lm, FLAGS.mask_rate, FLAGS.batch_size
     if FLAGS.use_nsp:
-        tr_ids, tr_seg, tr_nsp = pt.make_nsp_pairs(train_corpus, length, FLAGS.seed)
-        va_ids, va_seg, va_nsp = pt.make_nsp_pairs(valid_corpus, length, FLAGS.seed + 1)
+        tr_ids, tr_seg, tr_nsp = pretrain_task.make_nsp_pairs(train_corpus, length, FLAGS.seed)
+        va_ids, va_seg, va_nsp = pretrain_task.make_nsp_pairs(valid_corpus, length, FLAGS.seed + 1)
     else:
-        tr_ids, va_ids = pt.pack_sequences(train_corpus, length), pt.pack_sequences(valid_corpus,
+        tr_ids, va_ids = pretrain_task.pack_sequences(train_corpus, length), pretrain_task.pack_sequences(valid_corpus,
                                                                                      length)
         tr_seg = tr_nsp = va_seg = va_nsp = None
-    train = pt.make_pretraining_dataset(tr_ids, vocab_size, batch, rate, tr_seg, tr_nsp,
+    train = pretrain_task.make_pretraining_dataset(tr_ids, vocab_size, batch, rate, tr_seg, tr_nsp,
                                         shuffle=True, seed=FLAGS.seed)
-    valid = pt.make_pretraining_dataset(va_ids, vocab_size, batch, rate, va_seg, va_nsp,
+    valid = pretrain_task.make_pretraining_dataset(va_ids, vocab_size, batch, rate, va_seg, va_nsp,
                                         shuffle=False, seed=FLAGS.seed + 1, fixed_masks=True)
     print(f"{len(tr_ids)} training and {len(va_ids)} validation sequences of {length} tokens")
     return train, valid, -(-len(tr_ids) // batch)
 
 
 if __name__ == "__main__":
-    app.run(tu.guard(main))
+    app.run(train_util.guard(main))

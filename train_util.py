@@ -68,7 +68,7 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
 def validate_common_flags() -> None:
     """Refuse, in one line each, the values of the shared flags that cannot work; called before
     any file is read or written."""
-    import data_util_hdf5 as du
+    import data_util_hdf5 as data_util
 
     checks = [("batch_size", FLAGS.batch_size >= 1, "at least 1"),
               ("learning_rate", FLAGS.learning_rate > 0, "above 0"),
@@ -81,8 +81,8 @@ def validate_common_flags() -> None:
               ("process_num", FLAGS.process_num is None or FLAGS.process_num >= 1, "at least 1")]
     check_flag_values(checks)
     try:
-        du.check_encoding(FLAGS.encoding)
-    except du.DataError as error:
+        data_util.check_encoding(FLAGS.encoding)
+    except data_util.DataError as error:
         raise UsageError(str(error)) from None
     if FLAGS.cache_dir:
         check_writable_directory(FLAGS.cache_dir, "--cache_dir")
@@ -130,12 +130,12 @@ def run_fingerprint(files: dict[str, str], **extra) -> dict:
     """What a run's results depend on: the sha256 of each input file, every flag of this
     project's modules and scripts (but RESUME_NEUTRAL_FLAGS), and `extra`. A run directory
     resumes only under the same fingerprint."""
-    import data_util_hdf5 as du
+    import data_util_hdf5 as data_util
 
     values = {flag.name: flag.value for module, defined in FLAGS.flags_by_module_dict().items()
               if not module.startswith(FOREIGN_FLAG_MODULES) for flag in defined
               if flag.name not in RESUME_NEUTRAL_FLAGS}
-    return {"files": {name: du.file_fingerprint(path) for name, path in files.items()},
+    return {"files": {name: data_util.file_fingerprint(path) for name, path in files.items()},
             **values, **extra}
 
 
@@ -402,11 +402,11 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def head_file(source: str, num_lines: int, target: str, encoding: str = "utf-8") -> str:
     """Copy the first `num_lines` lines of `source` to `target` (test_mode's small slice), in the
     source's own encoding so that the later reads with the same --encoding see the same text."""
-    import data_util_hdf5 as du
+    import data_util_hdf5 as data_util
 
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     with open(target + ".tmp", "w", encoding=encoding, newline="\n") as dst:
-        for line_no, line in du.read_lines(source, encoding):
+        for line_no, line in data_util.read_lines(source, encoding):
             if line_no > num_lines:
                 break
             dst.write(line + "\n")
@@ -452,21 +452,21 @@ class Timer:
 
 def guard(main: Callable) -> Callable:
     """Wrap a script's main so that a user mistake (bad data, config or flag) ends in one line."""
-    import data_util_hdf5 as du
+    import data_util_hdf5 as data_util
     import model
 
-    import run_directory as rd
+    import run_directory
 
-    user_errors = (du.DataError, model.ConfigError, model.BackboneMismatchError, UsageError,
-                   rd.RunError)
+    user_errors = (data_util.DataError, model.ConfigError, model.BackboneMismatchError, UsageError,
+                   run_directory.RunError)
 
     def guarded(argv):
         try:
             return main(argv)
-        except du.DiskFullError as error:
+        except data_util.DiskFullError as error:
             # straight out: a normal shutdown would free the failed write's HDF5 objects, which
             # can crash the interpreter after the message
-            rd.release_all()
+            run_directory.release_all()
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(2)

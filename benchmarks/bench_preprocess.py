@@ -66,28 +66,28 @@ def run_pipeline(corpus: str, cache_dir: str, process_num: int | None,
     `two_passes`, the former way: a vocabulary pass, then a cache pass)."""
     import h5py
 
-    import data_util_hdf5 as du
-    workers = du.resolve_process_num(process_num, "word")
+    import data_util_hdf5 as data_util
+    workers = data_util.resolve_process_num(process_num, "word")
     start = time.perf_counter()
     if two_passes:
-        vocab = du.build_vocabulary([corpus], "word", VOCAB_SIZE, process_num=process_num)
-        cache = du.load_or_build_token_cache(corpus, vocab, "word", cache_dir,
+        vocab = data_util.build_vocabulary([corpus], "word", VOCAB_SIZE, process_num=process_num)
+        cache = data_util.load_or_build_token_cache(corpus, vocab, "word", cache_dir,
                                              process_num=process_num)
     else:
-        _, cache = du.load_or_build_corpus(corpus, "word", VOCAB_SIZE, cache_dir,
+        _, cache = data_util.load_or_build_corpus(corpus, "word", VOCAB_SIZE, cache_dir,
                                            process_num=process_num)
     seconds = time.perf_counter() - start
     with h5py.File(cache, "r") as h5:  # shapes only: holding the ids would grow with the corpus
         lines, tokens = h5["offsets"].shape[0] - 1, h5["input_ids"].shape[0]
-    return {"lines": lines, "tokens": tokens, "seconds": seconds, "backend": du.word_backend(),
+    return {"lines": lines, "tokens": tokens, "seconds": seconds, "backend": data_util.word_backend(),
             **peak_rss_mib(workers if workers > 1 else 0)}
 
 
 def run_reload(corpus: str, cache_dir: str) -> dict:
-    import data_util_hdf5 as du
+    import data_util_hdf5 as data_util
     start = time.perf_counter()
-    _, cache = du.load_or_build_corpus(corpus, "word", VOCAB_SIZE, cache_dir)
-    ids, offsets = du.read_token_cache(cache)
+    _, cache = data_util.load_or_build_corpus(corpus, "word", VOCAB_SIZE, cache_dir)
+    ids, offsets = data_util.read_token_cache(cache)
     return {"lines": len(offsets) - 1, "seconds": time.perf_counter() - start, **peak_rss_mib(0)}
 
 

@@ -26,9 +26,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data_util_hdf5 as du  # noqa: E402
-import run_directory as rd  # noqa: E402
-import train_util as tu  # noqa: E402
+import data_util_hdf5 as data_util  # noqa: E402
+import run_directory  # noqa: E402
+import train_util  # noqa: E402
 from data.prepare import ensure_sample_data  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -87,8 +87,8 @@ QUICK = {
 # ------------------------------------------------------------------------------ data
 def read_labelled(path: str) -> tuple[list[str], list[list[str]]]:
     texts, labels = [], []
-    for _, line in du.read_lines(path):
-        text, line_labels = du.parse_label_line(line)
+    for _, line in data_util.read_lines(path):
+        text, line_labels = data_util.parse_label_line(line)
         if line_labels:
             texts.append(text.strip())
             labels.append(line_labels)
@@ -125,7 +125,7 @@ def run_tfidf(files: dict, grid) -> dict:
 
     start = time.time()
     data = {split: read_labelled(path) for split, path in files.items()}
-    names = du.build_label_list(files["train"])
+    names = data_util.build_label_list(files["train"])
     vectorizer = TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), sublinear_tf=True,
                                  min_df=2)
     x = {"train": vectorizer.fit_transform(data["train"][0])}
@@ -138,8 +138,8 @@ def run_tfidf(files: dict, grid) -> dict:
         model = OneVsRestClassifier(LogisticRegression(C=c, max_iter=2000, solver="liblinear"))
         model.fit(x["train"], y["train"])
         valid_probs = model.predict_proba(x["valid"])
-        thresholds = tu.tune_thresholds(y["valid"], valid_probs)
-        valid = tu.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
+        thresholds = train_util.tune_thresholds(y["valid"], valid_probs)
+        valid = train_util.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
         if best is None or valid > best[0]:
             best = (valid, c, model, thresholds)
     test_probs = best[2].predict_proba(x["test"])
@@ -151,7 +151,7 @@ def run_fasttext(files: dict, grid, multi_label: bool) -> dict:
     import fasttext
 
     start = time.time()
-    names = du.build_label_list(files["train"])
+    names = data_util.build_label_list(files["train"])
     data = {s: read_labelled(p) for s, p in files.items()}
     y = {s: multi_hot(data[s][1], names) for s in data}
     best = None
@@ -161,8 +161,8 @@ def run_fasttext(files: dict, grid, multi_label: bool) -> dict:
                                           dim=100, loss="ova" if multi_label else "softmax",
                                           thread=2, seed=1, verbose=0)
         valid_probs = fasttext_probs(model, data["valid"][0], names)
-        thresholds = tu.tune_thresholds(y["valid"], valid_probs)
-        valid = tu.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
+        thresholds = train_util.tune_thresholds(y["valid"], valid_probs)
+        valid = train_util.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
         if best is None or valid > best[0]:
             best = (valid, (lr, epoch), model, thresholds)
     test_probs = fasttext_probs(best[2], data["test"][0], names)
@@ -185,10 +185,10 @@ def fasttext_probs(model, texts: list[str], names: list[str]) -> np.ndarray:
 def classic_row(gold: np.ndarray, probabilities: np.ndarray, thresholds: np.ndarray,
                 valid_f1: float, chosen: str, seconds: float) -> dict:
     """Test scores with the thresholds tuned on valid (and, for reference, with p >= 0.5)."""
-    test = tu.f1_scores(gold, probabilities, thresholds)
+    test = train_util.f1_scores(gold, probabilities, thresholds)
     return {"test_micro_f1": test["micro_f1"], "test_macro_f1": test["macro_f1"],
             "test_f1": test["f1"], "test_f1_sd": 0.0, "seeds": 1,
-            "test_f1_half": tu.f1_scores(gold, probabilities)["f1"], "valid_f1_epoch1": None,
+            "test_f1_half": train_util.f1_scores(gold, probabilities)["f1"], "valid_f1_epoch1": None,
             "valid_f1_best": valid_f1, "seconds": round(seconds, 1), "chosen": chosen}
 
 
@@ -218,7 +218,7 @@ def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bo
     run_dir = os.path.join(WORK, name)
     record = os.path.join(run_dir, "benchmark_pretraining.json")
     if resume and os.path.exists(record):
-        return rd.read_json_file(record)
+        return run_directory.read_json_file(record)
     start = time.time()
     values = run_script("train_bert_lm.py", [f"--backbone={backbone}", f"--ckpt_dir={run_dir}",
                                              f"--mask_lm_source_file={corpus}",
@@ -227,7 +227,7 @@ def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bo
     values["seconds"] = round(time.time() - start, 1)
     values["flags"] = " ".join(flags)
     values["run_dir"] = run_dir
-    rd.write_json_file(record, values)
+    run_directory.write_json_file(record, values)
     return values
 
 
@@ -253,7 +253,7 @@ def run_one(kind: str, backbone: str, task: str, budget: str, files: dict, setti
                              f"--learning_rate={lr}", f"--ckpt_dir_save={run_dir}",
                              "--overwrite=True"],
                             f"{task}_{budget}_{tag}")
-    history = rd.read_json_file(os.path.join(run_dir, "history.json"))
+    history = run_directory.read_json_file(os.path.join(run_dir, "history.json"))
     run = {"seed": seed, "lr": lr, "test_f1": float(values["test_f1"]),
            "test_micro_f1": float(values["test_micro_f1"]),
            "test_macro_f1": float(values["test_macro_f1"]),
@@ -439,8 +439,8 @@ def write_reports(results: dict, pretraining: dict, settings_name: str, seconds:
 
 
 def replot(suffix: str) -> None:
-    results = rd.read_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json"))
-    meta = rd.read_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json"))
+    results = run_directory.read_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json"))
+    meta = run_directory.read_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json"))
     print(write_reports(results, meta["pretraining"], meta["settings"], meta["seconds"], suffix,
                         meta.get("pretrain_budgets")))
     print(summary(results))
@@ -541,8 +541,8 @@ def main() -> None:
     results_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json")
     meta_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json")
     resumed = args.resume and os.path.exists(results_path)
-    results: dict = rd.read_json_file(results_path) if resumed else {}
-    meta: dict = rd.read_json_file(meta_path, {}) if resumed else {}
+    results: dict = run_directory.read_json_file(results_path) if resumed else {}
+    meta: dict = run_directory.read_json_file(meta_path, {}) if resumed else {}
     study = meta.get("pretrain_budgets", {})
     pretraining = {**meta.get("pretraining", {}), **pretraining}
 
@@ -552,8 +552,8 @@ def main() -> None:
         seconds = sum(float(p["seconds"]) for p in pretraining.values()) + sum(
             r.get("seconds_all_lr", r["seconds"]) for t in results for b in results[t]
             for r in results[t][b].values())
-        rd.write_json_file(results_path, results)
-        rd.write_json_file(meta_path, {"settings": "quick" if args.quick else "full",
+        run_directory.write_json_file(results_path, results)
+        run_directory.write_json_file(meta_path, {"settings": "quick" if args.quick else "full",
                                   "pretraining": pretraining, "seconds": round(seconds),
                                   "cpu_count": os.cpu_count(), "pretrain_budgets": study,
                                   "flags": {k: v for k, v in settings.items()}})

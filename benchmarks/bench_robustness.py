@@ -78,8 +78,8 @@ def labelled_files(tmp: str) -> list[str]:
 
 def fake_unfinished_run(directory: str, kind: str) -> None:
     """A directory that an interrupted (full, not test-mode) run with other settings left."""
-    import run_directory as rd
-    run, _ = rd.open_for_training(directory, kind, {"test_mode": False, "backbone": "transformer",
+    import run_directory
+    run, _ = run_directory.open_for_training(directory, kind, {"test_mode": False, "backbone": "transformer",
                                                     "d_model": 32}, overwrite=True)
     run.release()
 
@@ -267,7 +267,7 @@ _BATCH_DRIVER = """
 import contextlib, importlib, io, json, sys, traceback
 sys.path.insert(0, {root!r})
 from absl import flags
-import train_util as tu
+import train_util
 script = importlib.import_module({module!r})
 results = []
 for argv in json.loads(sys.stdin.read()):
@@ -276,7 +276,7 @@ for argv in json.loads(sys.stdin.read()):
     with contextlib.redirect_stderr(captured):
         try:
             flags.FLAGS([{module!r} + ".py", *argv])
-            tu.guard(script.main)([{module!r}])
+            train_util.guard(script.main)([{module!r}])
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else 1
         except BaseException:
@@ -343,12 +343,12 @@ def history_complete(run_dir: str, epochs: int) -> str | None:
 
 
 def finished_and_verified(run_dir: str, kind: str, epochs: int) -> str | None:
-    import run_directory as rd
+    import run_directory
     try:
-        run = rd.open_finished(run_dir, kind, "--ckpt_dir")
+        run = run_directory.open_finished(run_dir, kind, "--ckpt_dir")
         for name in run.manifest.get("checksums", {}):
             run.verified(name)
-    except rd.RunError as error:
+    except run_directory.RunError as error:
         return str(error)
     if run.manifest.get("status") != "finished":
         return "not finished"

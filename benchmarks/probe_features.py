@@ -19,30 +19,30 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data_util_hdf5 as du  # noqa: E402
+import data_util_hdf5 as data_util  # noqa: E402
 import model  # noqa: E402
-import run_directory as rd  # noqa: E402
+import run_directory  # noqa: E402
 
 
-def encode(path: str, vocab: du.Vocabulary, style: str, length: int):
+def encode(path: str, vocab: data_util.Vocabulary, style: str, length: int):
     ids, first_labels = [], []
-    for _, line in du.read_lines(path):
-        text, labels = du.parse_label_line(line)
+    for _, line in data_util.read_lines(path):
+        text, labels = data_util.parse_label_line(line)
         if labels:
-            ids.append(du.encode_example(du.tokenize(text, style), vocab, length))
+            ids.append(data_util.encode_example(data_util.tokenize(text, style), vocab, length))
             first_labels.append(labels[0])
     return np.array(ids, np.int32), np.array(first_labels)
 
 
 def pooled(backbone, ids: np.ndarray) -> np.ndarray:
     inputs = {"token_ids": ids, "segment_ids": np.zeros_like(ids),
-              "padding_mask": (ids != du.PAD_ID).astype(np.int32)}
+              "padding_mask": (ids != data_util.PAD_ID).astype(np.int32)}
     return backbone.predict(inputs, batch_size=256, verbose=0)["pooled_output"]
 
 
 def mean_embedding(backbone, ids: np.ndarray) -> np.ndarray:
     table = model.get_token_embedding(backbone).embeddings.numpy()
-    real = (ids >= len(du.SPECIAL_TOKENS)).astype(np.float32)[..., None]
+    real = (ids >= len(data_util.SPECIAL_TOKENS)).astype(np.float32)[..., None]
     return (table[ids] * real).sum(1) / np.maximum(real.sum(1), 1.0)
 
 
@@ -62,13 +62,13 @@ def main() -> None:
     parser.add_argument("--valid", required=True)
     parser.add_argument("--sequence_length", type=int, default=64)
     args = parser.parse_args()
-    run = rd.open_finished(args.pretrained_dir, "pretrain", "--pretrained_dir")
-    vocab = du.Vocabulary.load(run.verified(rd.VOCAB))
-    style = run.read_json_object(rd.DATA_CONFIG)["tokenize_style"]
+    run = run_directory.open_finished(args.pretrained_dir, "pretrain", "--pretrained_dir")
+    vocab = data_util.Vocabulary.load(run.verified(run_directory.VOCAB))
+    style = run.read_json_object(run_directory.DATA_CONFIG)["tokenize_style"]
     train = encode(args.train, vocab, style, args.sequence_length)
     valid = encode(args.valid, vocab, style, args.sequence_length)
-    pretrained, config = model.load_backbone(run.verified(rd.CONFIG),
-                                             run.verified(rd.BACKBONE_WEIGHTS))
+    pretrained, config = model.load_backbone(run.verified(run_directory.CONFIG),
+                                             run.verified(run_directory.BACKBONE_WEIGHTS))
     keras.utils.set_random_seed(0)
     random_init = model.build_backbone(config)
     scores = {}

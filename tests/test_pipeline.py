@@ -109,14 +109,14 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path):
     assert len(from_file.stdout.splitlines()) == 100
     # the run's tuned thresholds decide, unless --decision_rule=half asks for p >= 0.5
     import predict
-    import train_util as tu
+    import train_util
     predictor = predict.Predictor(run_dir)
     texts = [line for _, line in zip(range(100), open(valid_file, encoding="utf-8"))]
     probs = predictor.probabilities(texts)
     for flags, thresholds in (([], predictor.thresholds), (["--decision_rule=half"], None)):
         out = run("predict.py", f"--ckpt_dir={run_dir}", "--test_mode=True",
                   f"--input_file={valid_file}", *flags).stdout.splitlines()
-        chosen = tu.predict_labels(probs, thresholds)
+        chosen = train_util.predict_labels(probs, thresholds)
         assert [sorted(json.loads(line)["labels"]) for line in out] == [
             sorted(labels[i] for i in np.flatnonzero(row)) for row in chosen]
     missing = run("predict.py", f"--ckpt_dir={tmp_path}", stdin="x\n", check=False)
@@ -217,12 +217,12 @@ def mirrored_pretraining(run_dir: str) -> list[str]:
     """The real script under MirroredStrategy with 2 replicas (2 logical CPUs, set up before
     TensorFlow starts, which is why it runs in a process of its own), for 2 epochs."""
     code = (
-        "import sys, train_util as tu; tu.split_cpu_for_testing(2)\n"
+        "import sys, train_util; train_util.split_cpu_for_testing(2)\n"
         "import tensorflow as tf; assert len(tf.config.list_logical_devices('CPU')) == 2\n"
         "from absl import app; import train_bert_lm\n"
         f"sys.argv = ['train_bert_lm.py', '--test_mode=True', '--distribution_strategy=mirrored',"
         f" '--num_epochs=2', '--ckpt_dir={run_dir}']\n"
-        "app.run(tu.guard(train_bert_lm.main))\n")
+        "app.run(train_util.guard(train_bert_lm.main))\n")
     return [sys.executable, "-c", code]
 
 

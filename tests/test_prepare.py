@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import data_util_hdf5 as du
+import data_util_hdf5 as data_util
 from data import prepare
 
 SCRIPT = Path(prepare.__file__)
@@ -20,7 +20,7 @@ def key(text: str) -> str:
 
 
 def read_task(path: str) -> list[tuple[str, list[str]]]:
-    return [du.parse_label_line(line) for _, line in du.read_lines(path)]
+    return [data_util.parse_label_line(line) for _, line in data_util.read_lines(path)]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_no_text_twice_and_no_valid_or_test_text_in_training_or_pretraining(buil
             for split in prepare.SPLITS}
     every = [k for split in prepare.SPLITS for k in keys[split]]
     assert len(every) == len(set(every))
-    pretrain = {key(line) for _, line in du.read_lines(paths["pretrain"])}
+    pretrain = {key(line) for _, line in data_util.read_lines(paths["pretrain"])}
     if task != "mentions":  # its documents are entities' training paragraphs, names cut
         assert set(keys["train"]) <= pretrain
     assert not (set(keys["valid"]) | set(keys["test"])) & pretrain
@@ -81,9 +81,9 @@ def test_no_text_twice_and_no_valid_or_test_text_in_training_or_pretraining(buil
 
 def test_pretraining_corpus_is_both_training_splits_without_labels(built):
     _, paths, _ = built
-    lines = [line for _, line in du.read_lines(paths["pretrain"])]
+    lines = [line for _, line in data_util.read_lines(paths["pretrain"])]
     assert len(lines) == 13_888 + 15_189
-    assert not any(du.LABEL_PREFIX in line for line in lines)
+    assert not any(data_util.LABEL_PREFIX in line for line in lines)
     assert all(line == " ".join(line.split()) and line for line in lines)
 
 
@@ -118,7 +118,7 @@ def test_news_tasks_share_their_split_paragraph_by_paragraph(built):
     the pretraining corpus through the entities training split (split by paragraph, 80% would);
     only boilerplate repeated across documents (a table header, say) may."""
     _, paths, _ = built
-    pretrain = "\n".join(line for _, line in du.read_lines(paths["pretrain"]))
+    pretrain = "\n".join(line for _, line in data_util.read_lines(paths["pretrain"]))
     found = [" ".join(text.split()[:12]) in pretrain
              for text, _ in read_task(paths["mentions"]["test"])[:100]]
     assert sum(found) <= 5
@@ -139,7 +139,7 @@ def test_tagged_paragraph_parsing_with_compounds():
     assert words == ["中国", "政府", "今天", "会见", "江", "泽民", "[", "一", "]", "Tg"]
     assert labels == ["person", "place", "org", "time", "number"]
     assert prepare.parse_tagged_paragraph("好/a  的/u", "x:2") == (["好", "的"], ["none"])
-    with pytest.raises(du.DataError, match="x:3: 'broken' is not word/TAG"):
+    with pytest.raises(data_util.DataError, match="x:3: 'broken' is not word/TAG"):
         prepare.parse_tagged_paragraph("ok/a broken", "x:3")
 
 

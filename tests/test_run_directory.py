@@ -9,12 +9,12 @@ import keras
 import numpy as np
 import pytest
 
-import data_util_hdf5 as du
-import run_directory as rd
+import data_util_hdf5 as data_util
+import run_directory
 
 
 def open_run(path, fingerprint=None, overwrite=False, test_run=False, kind="classifier"):
-    return rd.open_for_training(str(path), kind, fingerprint or {"data": "a", "test_mode": False},
+    return run_directory.open_for_training(str(path), kind, fingerprint or {"data": "a", "test_mode": False},
                                 overwrite, test_run=test_run)
 
 
@@ -26,31 +26,31 @@ def dead_pid() -> int:
 
 def test_fresh_then_resume_then_refuse_other_settings(tmp_path):
     run, resuming = open_run(tmp_path / "r")
-    assert not resuming and json.load(open(run.file(rd.MANIFEST)))["status"] == "running"
-    run.write_json(rd.CONFIG, {"d_model": 32})
+    assert not resuming and json.load(open(run.file(run_directory.MANIFEST)))["status"] == "running"
+    run.write_json(run_directory.CONFIG, {"d_model": 32})
     run.release()
     run, resuming = open_run(tmp_path / "r")
     assert resuming
     run.release()
-    with pytest.raises(rd.RunError, match=r"unfinished run made with other data or settings "
+    with pytest.raises(run_directory.RunError, match=r"unfinished run made with other data or settings "
                                           r"\(data differ\).*--overwrite=True"):
         open_run(tmp_path / "r", {"data": "b", "test_mode": False})
-    assert not os.path.exists(tmp_path / "r" / rd.LOCK), "a refused run keeps no lock"
+    assert not os.path.exists(tmp_path / "r" / run_directory.LOCK), "a refused run keeps no lock"
 
 
 def test_a_finished_run_is_only_replaced_when_asked(tmp_path):
     run, _ = open_run(tmp_path / "r")
-    run.write_json(rd.CONFIG, {"d_model": 32})
+    run.write_json(run_directory.CONFIG, {"d_model": 32})
     (tmp_path / "r" / "my_notes.txt").write_text("mine")
     run.finish({"test_f1": 0.8123})
     run.release()
-    with pytest.raises(rd.RunError, match="holds a finished run .*test_f1 0.8123.*--overwrite"):
+    with pytest.raises(run_directory.RunError, match="holds a finished run .*test_f1 0.8123.*--overwrite"):
         open_run(tmp_path / "r")
-    with pytest.raises(rd.RunError, match="finished run"):  # a trial never replaces a real run
+    with pytest.raises(run_directory.RunError, match="finished run"):  # a trial never replaces a real run
         open_run(tmp_path / "r", {"data": "a", "test_mode": True}, test_run=True)
-    assert json.load(open(tmp_path / "r" / rd.CONFIG)) == {"d_model": 32}
+    assert json.load(open(tmp_path / "r" / run_directory.CONFIG)) == {"d_model": 32}
     run, resuming = open_run(tmp_path / "r", overwrite=True)
-    assert not resuming and not os.path.exists(run.file(rd.CONFIG))
+    assert not resuming and not os.path.exists(run.file(run_directory.CONFIG))
     assert (tmp_path / "r" / "my_notes.txt").read_text() == "mine", "only our files are cleared"
     run.release()
 
@@ -58,7 +58,7 @@ def test_a_finished_run_is_only_replaced_when_asked(tmp_path):
 def test_a_trial_replaces_an_earlier_finished_trial(tmp_path):
     run, _ = open_run(tmp_path / "r", {"data": "a", "test_mode": True}, test_run=True)
     run.release()
-    with pytest.raises(rd.RunError, match="unfinished run"):  # it may want resuming
+    with pytest.raises(run_directory.RunError, match="unfinished run"):  # it may want resuming
         open_run(tmp_path / "r", {"data": "b", "test_mode": True}, test_run=True)
     run, _ = open_run(tmp_path / "r", {"data": "a", "test_mode": True}, test_run=True)
     run.finish({})
@@ -70,12 +70,12 @@ def test_a_trial_replaces_an_earlier_finished_trial(tmp_path):
 
 def test_files_of_an_unknown_run_are_refused(tmp_path):
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / rd.HISTORY).write_text("[]")
-    with pytest.raises(rd.RunError, match="no readable run.json"):
+    (tmp_path / "r" / run_directory.HISTORY).write_text("[]")
+    with pytest.raises(run_directory.RunError, match="no readable run.json"):
         open_run(tmp_path / "r")
     open_run(tmp_path / "r", overwrite=True)[0].release()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(rd.RunError, match="is a file"):
+    with pytest.raises(run_directory.RunError, match="is a file"):
         open_run(tmp_path / "file")
 
 
@@ -84,23 +84,23 @@ def test_the_lock_keeps_a_second_run_out_and_a_dead_holder_does_not(tmp_path):
     directory.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (directory / rd.LOCK).write_text(f"{holder.pid} {socket.gethostname()}\n")
-        with pytest.raises(rd.RunError, match=f"in use by another run \\(PID {holder.pid}"):
+        (directory / run_directory.LOCK).write_text(f"{holder.pid} {socket.gethostname()}\n")
+        with pytest.raises(run_directory.RunError, match=f"in use by another run \\(PID {holder.pid}"):
             open_run(directory)
     finally:
         holder.kill()
         holder.wait()
-    (directory / rd.LOCK).write_text(f"{dead_pid()} {socket.gethostname()}\n")
+    (directory / run_directory.LOCK).write_text(f"{dead_pid()} {socket.gethostname()}\n")
     run, _ = open_run(directory)
-    assert (directory / rd.LOCK).read_text().split()[0] == str(os.getpid())
+    assert (directory / run_directory.LOCK).read_text().split()[0] == str(os.getpid())
     run.release()
-    assert not (directory / rd.LOCK).exists()
+    assert not (directory / run_directory.LOCK).exists()
 
 
 def test_leftover_temporaries_of_dead_writers_are_swept(tmp_path):
     directory = tmp_path / "r"
-    (directory / rd.BACKUP).mkdir(parents=True)
-    dead = directory / rd.BACKUP / f".tmp-{dead_pid()}-epoch-0001.weights.h5"
+    (directory / run_directory.BACKUP).mkdir(parents=True)
+    dead = directory / run_directory.BACKUP / f".tmp-{dead_pid()}-epoch-0001.weights.h5"
     alive = directory / f".tmp-{os.getpid()}-vocab.txt"
     dead.write_bytes(b"half")
     alive.write_text("being written")
@@ -110,7 +110,7 @@ def test_leftover_temporaries_of_dead_writers_are_swept(tmp_path):
 
 def test_an_interrupted_write_keeps_the_previous_file(tmp_path):
     path = str(tmp_path / "thresholds.json")
-    rd.write_json_file(path, {"v": 1})
+    run_directory.write_json_file(path, {"v": 1})
 
     def half_then_crash(temporary):
         with open(temporary, "w") as f:
@@ -118,34 +118,34 @@ def test_an_interrupted_write_keeps_the_previous_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        rd.write_atomically(path, half_then_crash)
-    assert rd.read_json_file(path) == {"v": 1}
+        run_directory.write_atomically(path, half_then_crash)
+    assert run_directory.read_json_file(path) == {"v": 1}
     assert os.listdir(tmp_path) == ["thresholds.json"]
 
 
 def test_checksums_catch_an_edited_file(tmp_path):
     run, _ = open_run(tmp_path / "r")
-    run.write_text(rd.VOCAB, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n北京\n上海\n")
-    run.write_json(rd.DATA_CONFIG, {"tokenize_style": "space"})
+    run.write_text(run_directory.VOCAB, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n北京\n上海\n")
+    run.write_json(run_directory.DATA_CONFIG, {"tokenize_style": "space"})
     run.finish({})
     run.release()
-    done = rd.open_finished(str(tmp_path / "r"), "classifier", "--ckpt_dir")
-    assert du.Vocabulary.load(done.verified(rd.VOCAB)).id_of("上海") == 6
-    assert done.read_json_object(rd.DATA_CONFIG) == {"tokenize_style": "space"}
-    (tmp_path / "r" / rd.VOCAB).write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n上海\n北京\n")
-    with pytest.raises(rd.RunError, match="vocab.txt has changed since training"):
-        done.verified(rd.VOCAB)
-    with pytest.raises(rd.RunError, match="labels.txt is missing"):
-        done.verified(rd.LABELS)
-    with pytest.raises(rd.RunError, match="not a run directory of train_bert_lm.py"):
-        rd.open_finished(str(tmp_path / "r"), "pretrain", "--pretrained_dir")
-    with pytest.raises(rd.RunError, match="not a run directory"):
-        rd.open_finished(str(tmp_path), "classifier", "--ckpt_dir")
+    done = run_directory.open_finished(str(tmp_path / "r"), "classifier", "--ckpt_dir")
+    assert data_util.Vocabulary.load(done.verified(run_directory.VOCAB)).id_of("上海") == 6
+    assert done.read_json_object(run_directory.DATA_CONFIG) == {"tokenize_style": "space"}
+    (tmp_path / "r" / run_directory.VOCAB).write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n上海\n北京\n")
+    with pytest.raises(run_directory.RunError, match="vocab.txt has changed since training"):
+        done.verified(run_directory.VOCAB)
+    with pytest.raises(run_directory.RunError, match="labels.txt is missing"):
+        done.verified(run_directory.LABELS)
+    with pytest.raises(run_directory.RunError, match="not a run directory of train_bert_lm.py"):
+        run_directory.open_finished(str(tmp_path / "r"), "pretrain", "--pretrained_dir")
+    with pytest.raises(run_directory.RunError, match="not a run directory"):
+        run_directory.open_finished(str(tmp_path), "classifier", "--ckpt_dir")
 
 
 def test_no_write_starts_without_room_for_it(tmp_path):
-    with pytest.raises(du.DiskFullError, match="not enough disk space"):
-        du.ensure_free_space(str(tmp_path / "big.h5"), 1 << 60)
+    with pytest.raises(data_util.DiskFullError, match="not enough disk space"):
+        data_util.ensure_free_space(str(tmp_path / "big.h5"), 1 << 60)
 
 
 # ------------------------------------------------------------------------- epochs
@@ -156,28 +156,28 @@ def tiny_model() -> keras.Model:
 
 
 def fit(net, run, epochs, patience=0, restored=None, initial_epoch=0):
-    best = rd.BestEpoch(run, "loss", "min", lambda: run.save_weights(net, rd.CLASSIFIER_WEIGHTS),
+    best = run_directory.BestEpoch(run, "loss", "min", lambda: run.save_weights(net, run_directory.CLASSIFIER_WEIGHTS),
                         patience, restored)
     x = np.random.default_rng(0).normal(size=(32, 3))
     net.fit(x, x[:, :2] * 2, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
-            callbacks=[best, rd.EpochBackup(run, best)])
+            callbacks=[best, run_directory.EpochBackup(run, best)])
 
 
 def test_the_backup_restores_weights_optimizer_and_best_epoch(tmp_path):
     run, _ = open_run(tmp_path / "r")
     net = tiny_model()
     fit(net, run, epochs=2)
-    assert sorted(os.listdir(run.file(rd.BACKUP))) == ["epoch-0002.weights.h5", "state.json"]
+    assert sorted(os.listdir(run.file(run_directory.BACKUP))) == ["epoch-0002.weights.h5", "state.json"]
     again = tiny_model()
-    done, ended, best = rd.restore(run, again, epochs=5)
+    done, ended, best = run_directory.restore(run, again, epochs=5)
     assert (done, ended) == (2, True) and best["best_epoch"] == 2
     for a, b in zip(net.get_weights(), again.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert int(again.optimizer.iterations.numpy()) == int(net.optimizer.iterations.numpy()) > 0
-    history = rd.read_json_file(run.file(rd.HISTORY))
+    history = run_directory.read_json_file(run.file(run_directory.HISTORY))
     assert [h["epoch"] for h in history] == [1, 2]
     fit(again, run, epochs=4, restored=best, initial_epoch=done)
-    assert [h["epoch"] for h in rd.read_json_file(run.file(rd.HISTORY))] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in run_directory.read_json_file(run.file(run_directory.HISTORY))] == [1, 2, 3, 4]
     run.release()
 
 
@@ -186,30 +186,30 @@ def test_patience_stops_a_stalled_run_and_survives_a_resume(tmp_path):
     net = tiny_model()
     net.optimizer.learning_rate.assign(0.0)  # the loss cannot improve after epoch 1
     fit(net, run, epochs=10, patience=2)
-    assert [h["epoch"] for h in rd.read_json_file(run.file(rd.HISTORY))] == [1, 2, 3]
-    done, ended, best = rd.restore(run, tiny_model(), epochs=10)
+    assert [h["epoch"] for h in run_directory.read_json_file(run.file(run_directory.HISTORY))] == [1, 2, 3]
+    done, ended, best = run_directory.restore(run, tiny_model(), epochs=10)
     assert (done, ended, best["best_epoch"]) == (3, True, 1)
     run.release()
 
 
 def test_a_kill_between_checksum_and_rename_leaves_a_verifiable_file(tmp_path, monkeypatch):
     run, _ = open_run(tmp_path / "r")
-    run.write_text(rd.LABELS, "a\nb\n")
+    run.write_text(run_directory.LABELS, "a\nb\n")
 
     real_replace = os.replace
 
     def killed(source, target):
-        if target.endswith(rd.LABELS):  # SIGKILL after the manifest's update, before the rename
+        if target.endswith(run_directory.LABELS):  # SIGKILL after the manifest's update, before the rename
             raise KeyboardInterrupt
         real_replace(source, target)
 
     with monkeypatch.context() as patch:
-        patch.setattr(rd.os, "replace", killed)
+        patch.setattr(run_directory.os, "replace", killed)
         with pytest.raises(KeyboardInterrupt):
-            run.write_text(rd.LABELS, "b\na\n")
-    reopened = rd.open_finished(str(tmp_path / "r"), "classifier", "--ckpt_dir")
-    assert len(reopened.manifest["checksums"][rd.LABELS]) == 2, "both digests allowed"
-    assert open(reopened.verified(rd.LABELS)).read() == "a\nb\n"
+            run.write_text(run_directory.LABELS, "b\na\n")
+    reopened = run_directory.open_finished(str(tmp_path / "r"), "classifier", "--ckpt_dir")
+    assert len(reopened.manifest["checksums"][run_directory.LABELS]) == 2, "both digests allowed"
+    assert open(reopened.verified(run_directory.LABELS)).read() == "a\nb\n"
     run.finish({})
-    assert isinstance(rd.read_json_file(run.file(rd.MANIFEST))["checksums"][rd.LABELS], str)
+    assert isinstance(run_directory.read_json_file(run.file(run_directory.MANIFEST))["checksums"][run_directory.LABELS], str)
     run.release()

@@ -2,19 +2,19 @@
 import numpy as np
 import pytest
 
-import data_util_hdf5 as du
-import train_util as tu
+import data_util_hdf5 as data_util
+import train_util
 
 
 def test_prediction_rule_takes_every_label_over_half_or_the_top_one():
     probs = np.array([[0.9, 0.6, 0.1], [0.2, 0.4, 0.3], [0.5, 0.1, 0.0]])
-    assert tu.predict_labels(probs).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+    assert train_util.predict_labels(probs).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
 
 
 def test_f1_is_the_mean_of_micro_and_macro_over_all_train_labels():
     gold = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]])
     probs = np.array([[0.9, 0.1, 0.1], [0.8, 0.1, 0.2], [0.7, 0.9, 0.1]])
-    scores = tu.f1_scores(gold, probs)
+    scores = train_util.f1_scores(gold, probs)
     # label 0: tp 2 fp 1 fn 0 -> 0.8; label 1: tp 1 fn 1 -> 2/3; label 2 never seen -> 0
     assert scores["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
     assert scores["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 0.0) / 3)
@@ -23,7 +23,7 @@ def test_f1_is_the_mean_of_micro_and_macro_over_all_train_labels():
 
 def test_per_label_report_names_every_label():
     gold = np.array([[1, 0], [0, 1]])
-    report = tu.per_label_report(gold, np.array([[0.9, 0.1], [0.9, 0.2]]), ["a", "b"])
+    report = train_util.per_label_report(gold, np.array([[0.9, 0.1], [0.9, 0.2]]), ["a", "b"])
     assert [r["label"] for r in report] == ["a", "b"]
     assert report[0]["precision"] == pytest.approx(0.5) and report[1]["recall"] == 0.0
 
@@ -32,7 +32,7 @@ def test_thresholds_pick_each_labels_own_cut_and_a_fallback():
     probs = np.array([[0.9, 0.2, 0.1], [0.3, 0.05, 0.65], [0.4, 0.45, 0.2]])
     cut = np.array([0.5, 0.15, 0.7])
     # row 1: label 1 passes its 0.15; row 2: none passes, label 2 is nearest (0.65 - 0.7)
-    assert tu.predict_labels(probs, cut).tolist() == [[1, 1, 0], [0, 0, 1], [0, 1, 0]]
+    assert train_util.predict_labels(probs, cut).tolist() == [[1, 1, 0], [0, 0, 1], [0, 1, 0]]
 
 
 def test_tuned_thresholds_find_a_rare_labels_low_probabilities():
@@ -43,28 +43,28 @@ def test_tuned_thresholds_find_a_rare_labels_low_probabilities():
     gold[:3, 2] = 1                     # too rare in valid for a threshold of its own
     probs = np.where(gold == 1, 0.8, 0.1)
     probs[:, 1] = np.where(gold[:, 1] == 1, 0.3, 0.05)
-    thresholds = tu.tune_thresholds(gold, probs)
+    thresholds = train_util.tune_thresholds(gold, probs)
     assert 0.05 < thresholds[1] <= 0.3
     assert thresholds[2] == thresholds[0]  # both the shared threshold
-    tuned = tu.per_label_report(gold, probs, ["a", "b", "c"], thresholds)
-    half = tu.per_label_report(gold, probs, ["a", "b", "c"])
+    tuned = train_util.per_label_report(gold, probs, ["a", "b", "c"], thresholds)
+    half = train_util.per_label_report(gold, probs, ["a", "b", "c"])
     assert tuned[1]["threshold"] == thresholds[1] and tuned[1]["f1"] == 1.0
     assert half[1]["f1"] < 0.8
-    assert tu.f1_scores(gold, probs, thresholds)["f1"] > tu.f1_scores(gold, probs)["f1"]
+    assert train_util.f1_scores(gold, probs, thresholds)["f1"] > train_util.f1_scores(gold, probs)["f1"]
 
 
 def test_schedule_warms_up_then_falls_linearly_to_zero_at_the_last_step():
-    schedule = tu.WarmupDecay(1e-3, total_steps=110, warmup_steps=10)
+    schedule = train_util.WarmupDecay(1e-3, total_steps=110, warmup_steps=10)
     assert float(schedule(0)) == pytest.approx(1e-4)
     assert float(schedule(9)) == pytest.approx(1e-3)
     assert float(schedule(60)) == pytest.approx(5e-4)
     assert float(schedule(110)) == pytest.approx(0.0) and float(schedule(500)) == 0.0
-    again = tu.WarmupDecay.from_config(schedule.get_config())
+    again = train_util.WarmupDecay.from_config(schedule.get_config())
     assert float(again(85)) == pytest.approx(float(schedule(85)))
 
 
 def test_schedule_keeps_the_originals_exponential_decay_on_request():
-    schedule = tu.WarmupDecay(1e-3, total_steps=10, warmup_steps=10, decay_steps=100,
+    schedule = train_util.WarmupDecay(1e-3, total_steps=10, warmup_steps=10, decay_steps=100,
                               decay_rate=0.5)
     assert float(schedule(100)) == pytest.approx(5e-4)
     assert float(schedule(300)) == pytest.approx(1.25e-4)
@@ -86,7 +86,7 @@ def test_backbone_learns_at_its_scale_of_the_heads_rate():
         keras.utils.set_random_seed(0)
         classifier = model.build_classifier(model.build_backbone(config), 3, 0.0)
         backbone, head = classifier.get_layer("backbone"), classifier.get_layer("classifier_head")
-        optimizer = tu.make_optimizer(1e-3, total_steps=100)
+        optimizer = train_util.make_optimizer(1e-3, total_steps=100)
         optimizer.scale_learning_rate(backbone.trainable_variables, scale)
         model.compile_classifier(classifier, optimizer)
         before = [keras.ops.convert_to_numpy(w) for w in (backbone.weights[0], head.weights[0])]
@@ -99,7 +99,7 @@ def test_backbone_learns_at_its_scale_of_the_heads_rate():
 
 
 def test_summary_line_is_grep_able(capsys):
-    line = tu.summary_line("fine_tune", test_f1=0.83456, epochs=2, ckpt_dir="runs/ft")
+    line = train_util.summary_line("fine_tune", test_f1=0.83456, epochs=2, ckpt_dir="runs/ft")
     assert line == "fine_tune test_f1=0.8346 epochs=2 ckpt_dir=runs/ft"
     assert capsys.readouterr().out.strip() == line
 
@@ -107,14 +107,14 @@ def test_summary_line_is_grep_able(capsys):
 def test_head_file_copies_the_first_lines(tmp_path):
     source = tmp_path / "a.txt"
     source.write_text("1\n2\n3\n", encoding="utf-8")
-    target = tu.head_file(str(source), 2, str(tmp_path / "sub" / "b.txt"))
+    target = train_util.head_file(str(source), 2, str(tmp_path / "sub" / "b.txt"))
     assert open(target, encoding="utf-8").read() == "1\n2\n"
 
 
 def test_head_file_keeps_the_encoding_and_names_a_bad_line(tmp_path):
     gbk = tmp_path / "gbk.txt"
     gbk.write_bytes("北京 __label__a\n上海 __label__b\n广州 __label__c\n".encode("gb18030"))
-    target = tu.head_file(str(gbk), 2, str(tmp_path / "head.txt"), "gb18030")
-    assert [t for _, t in du.read_lines(target, "gb18030")] == ["北京 __label__a", "上海 __label__b"]
-    with pytest.raises(du.DataError, match=r"gbk.txt:1: cannot decode as utf-8.*--encoding gb18030"):
-        tu.head_file(str(gbk), 2, str(tmp_path / "head2.txt"))
+    target = train_util.head_file(str(gbk), 2, str(tmp_path / "head.txt"), "gb18030")
+    assert [t for _, t in data_util.read_lines(target, "gb18030")] == ["北京 __label__a", "上海 __label__b"]
+    with pytest.raises(data_util.DataError, match=r"gbk.txt:1: cannot decode as utf-8.*--encoding gb18030"):
+        train_util.head_file(str(gbk), 2, str(tmp_path / "head2.txt"))
