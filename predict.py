@@ -12,6 +12,8 @@ thresholds (thresholds.json, tuned on validation) when it has them, else the ori
 label with p >= 0.5); when no label passes, the one nearest its threshold. --decision_rule=half
 forces the original's rule.
 """
+import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
+
 import itertools
 import json
 import os
@@ -23,7 +25,6 @@ from absl import app, flags
 import data_util_hdf5 as data_util
 import model
 import run_directory
-import train_util
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt_dir", "runs/ft", "Run directory written by train_bert_fine_tuning.py "
@@ -53,8 +54,9 @@ class Predictor:
             self.tokenize_style = info["tokenize_style"]
             self.sequence_length, dropout = int(info["sequence_length"]), float(info["dropout"])
         except (KeyError, TypeError, ValueError):
-            raise data_util.DataError(f"{run.file(run_directory.DATA_CONFIG)}: needs tokenize_style, "
-                               "sequence_length and dropout; train again") from None
+            raise data_util.DataError(f"{run.file(run_directory.DATA_CONFIG)}: needs "
+                                      "tokenize_style, sequence_length and dropout; train "
+                                      "again") from None
         self.thresholds = self._read_thresholds(run)
         config = model.ModelConfig.from_json(run.verified(run_directory.CONFIG))
         self.classifier = model.build_classifier(model.build_backbone(config), len(self.labels),
@@ -64,8 +66,8 @@ class Predictor:
             self.classifier.load_weights(weights)
         except (OSError, ValueError) as error:
             raise data_util.DataError(f"{weights} does not fit its config.json "
-                               f"({str(error).splitlines()[0][:120]}); the run directory mixes "
-                               "files of different runs, train it again") from None
+                                      f"({str(error).splitlines()[0][:120]}); the run directory "
+                                      "mixes files of different runs, train it again") from None
 
     def _read_thresholds(self, run: run_directory.Run) -> np.ndarray | None:
         """Per-label thresholds in labels.txt order, or None (p >= 0.5) when the run has none."""
@@ -74,21 +76,24 @@ class Predictor:
         path = run.verified(run_directory.THRESHOLDS)
         saved = run_directory.read_json_file(path).get("thresholds")
         if not isinstance(saved, dict) or sorted(saved) != sorted(self.labels):
-            raise data_util.DataError(f"{path} names other labels than labels.txt beside it; the run "
-                               "directory mixes files of different runs, train it again")
+            raise data_util.DataError(f"{path} names other labels than labels.txt beside it; "
+                                      "the run directory mixes files of different runs, train "
+                                      "it again")
         return np.array([saved[label] for label in self.labels])
 
     def choose(self, probabilities: np.ndarray, rule: str = "run") -> np.ndarray:
         """Multi-hot [N, labels]: the run's decision rule, or p >= 0.5 with rule='half'."""
-        return train_util.predict_labels(probabilities, self.thresholds if rule == "run" else None)
+        return model.predict_labels(probabilities, self.thresholds if rule == "run" else None)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        rows = [data_util.encode_example(data_util.tokenize(data_util.parse_label_line(t)[0], self.tokenize_style),
-                                  self.vocab, self.sequence_length) for t in texts]
+        rows = [data_util.encode_example(
+                    data_util.tokenize(data_util.parse_label_line(text)[0], self.tokenize_style),
+                    self.vocab, self.sequence_length)
+                for text in texts]
         return np.array(rows, np.int32)
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
-        return train_util.sigmoid(model.predict_logits(self.classifier, self.encode(texts), 64))
+        return model.predict_probabilities(self.classifier, self.encode(texts), 64)
 
     def export(self, export_dir: str) -> None:
         export_classifier(self.classifier, export_dir)
@@ -144,10 +149,10 @@ def _score(predictor: Predictor, batch: list, min_prob: float, rule: str):
 def main(_):
     if FLAGS.export_dir and os.path.exists(FLAGS.export_dir) and not os.path.isdir(
             FLAGS.export_dir):
-        train_util.fail(f"--export_dir={FLAGS.export_dir} is a file; give a directory")
+        cli.fail(f"--export_dir={FLAGS.export_dir} is a file; give a directory")
     if FLAGS.batch_size < 1:
-        train_util.fail(f"--batch_size={FLAGS.batch_size} must be at least 1")
-    predictor = Predictor(train_util.run_dir_flag("ckpt_dir"))
+        cli.fail(f"--batch_size={FLAGS.batch_size} must be at least 1")
+    predictor = Predictor(cli.run_dir_flag("ckpt_dir"))
     if FLAGS.export_dir:
         predictor.export(FLAGS.export_dir)
         print(f"exported SavedModel to {FLAGS.export_dir}", file=sys.stderr)
@@ -160,8 +165,8 @@ def main(_):
                                 FLAGS.decision_rule):
         print(json.dumps(result, ensure_ascii=False), flush=False)
         count += 1
-    print(f"predict documents={count} ckpt_dir={train_util.run_dir_flag('ckpt_dir')}", file=sys.stderr)
+    print(f"predict documents={count} ckpt_dir={cli.run_dir_flag('ckpt_dir')}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(train_util.guard(main))
+    app.run(cli.guard(main))

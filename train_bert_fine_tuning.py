@@ -18,6 +18,8 @@ The default recipe needs no learning-rate search: the head starts at the label p
 falls linearly to 0, training stops when validation F1 stalls for --early_stopping_patience
 epochs, and per-label thresholds are tuned on validation.
 """
+import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
+
 from absl import app, flags
 
 import classifier_task
@@ -29,7 +31,7 @@ import train_util
 FLAGS = flags.FLAGS
 # The head's rate; the pretrained backbone moves at --backbone_lr_scale times it (see below). The
 # original's 1e-5 for everything learns almost nothing in a run of a few hundred steps.
-classifier_task.define_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/ft")
+cli.define_classifier_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/ft")
 flags.DEFINE_string("pretrained_dir", "runs/lm", "Run directory of train_bert_lm.py (its "
                     "--ckpt_dir): config.json, vocab.txt, data_config.json, backbone.weights.h5. "
                     "Test mode reads runs/test_lm unless the flag is given.")
@@ -51,54 +53,55 @@ flags.DEFINE_boolean("freeze_backbone", False, "Train only the classifier head o
 
 def main(_):
     # --------------------------------------------------------------------- setup
-    classifier_task.validate_flags()
-    timer, strategy = train_util.start_run()
-    pretrained = run_directory.open_finished(train_util.run_dir_flag("pretrained_dir"), "pretrain",
-                                  "--pretrained_dir")
+    cli.validate_classifier_flags()
+    settings = cli.classifier_settings()
+    timer, strategy = cli.start_run()
+    pretrained = run_directory.open_finished(cli.run_dir_flag("pretrained_dir"), "pretrain",
+                                             "--pretrained_dir")
     style = pretrained.read_json_object(run_directory.DATA_CONFIG).get("tokenize_style")
     if style not in data_util.TOKENIZE_STYLES:
-        train_util.fail(f"{pretrained.file(run_directory.DATA_CONFIG)}: tokenize_style {style!r} is not one of "
-                f"{', '.join(data_util.TOKENIZE_STYLES)}; pretrain again")
+        cli.fail(f"{pretrained.file(run_directory.DATA_CONFIG)}: tokenize_style {style!r} is not "
+                 f"one of {', '.join(data_util.TOKENIZE_STYLES)}; pretrain again")
     if FLAGS.tokenize_style not in (None, style):
-        train_util.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
-                f"'{style}' ({pretrained.file(run_directory.DATA_CONFIG)}); drop the flag")
+        cli.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
+                 f"'{style}' ({pretrained.file(run_directory.DATA_CONFIG)}); drop the flag")
     # checked before tokenizing, so that a bad length does not wait for the data
     model.ModelConfig.from_json(pretrained.verified(run_directory.CONFIG)).check_sequence_length(
-        FLAGS.sequence_length)
+        settings.sequence_length)
     vocab = data_util.Vocabulary.load(pretrained.verified(run_directory.VOCAB))
-    files = classifier_task.data_files()
-    run = classifier_task.open_run(files, pretrained=pretrained.manifest.get("checksums"))
+    run, files = cli.open_classifier_run(cli.classifier_data_files(),
+                                         pretrained=pretrained.manifest.get("checksums"))
 
     # ---------------------------------------------------------------------- data
-    data = classifier_task.load_data(run, files, vocab, style)
-    epochs = train_util.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
+    data = classifier_task.load_data(files, style, settings, vocab=vocab)
+    epochs = cli.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
 
     # --------------------------------------------------------------------- model
     with strategy.scope():
-        backbone, config = model.load_backbone(pretrained.verified(run_directory.CONFIG),
-                                               pretrained.verified(run_directory.BACKBONE_WEIGHTS),
-                                               expected_vocab_size=len(vocab),
-                                               dropout=1.0 - FLAGS.dropout_keep_prob)
-        classifier = classifier_task.build_and_compile(backbone, len(data.labels),
-                                          epochs * data.steps_per_epoch(),
-                                          data.label_frequencies(), FLAGS.backbone_lr_scale,
-                                          FLAGS.freeze_backbone)
-    classifier_task.save_run_files(run, data, config)
+        backbone, config = model.load_backbone(
+            pretrained.verified(run_directory.CONFIG),
+            pretrained.verified(run_directory.BACKBONE_WEIGHTS),
+            expected_vocab_size=len(vocab), dropout=settings.dropout)
+        classifier = classifier_task.build_and_compile(
+            backbone, len(data.labels), epochs * data.steps_per_epoch(), settings,
+            data.label_frequencies(), FLAGS.backbone_lr_scale, FLAGS.freeze_backbone)
+    classifier_task.save_run_files(run, data, config, settings)
     start = classifier_task.evaluate(classifier, data, "valid")
     print(f"before fine-tuning: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f} "
           f"(micro {start['micro_f1']:.4f}, macro {start['macro_f1']:.4f})")
 
     # ----------------------------------------------------------------------- fit
-    history = classifier_task.train(classifier, data, run, epochs,
-                       0 if FLAGS.freeze_backbone else FLAGS.frozen_epochs)
+    history = classifier_task.train(classifier, data, run, epochs, settings,
+                                    0 if FLAGS.freeze_backbone else FLAGS.frozen_epochs)
 
     # -------------------------------------------------------------------- report
-    scores = classifier_task.report(classifier, data, run, history, "fine-tuning: validation F1")
+    scores = classifier_task.report(classifier, data, run, history,
+                                    "fine-tuning: validation F1", settings.decision_rule)
     run.finish(scores)
     train_util.summary_line("fine_tune", **scores, initial_valid_loss=start["loss"],
-                    initial_valid_f1=start["f1"], epochs=len(history), seconds=timer.seconds(),
-                    ckpt_dir=run.path)
+                            initial_valid_f1=start["f1"], epochs=len(history),
+                            seconds=timer.seconds(), ckpt_dir=run.path)
 
 
 if __name__ == "__main__":
-    app.run(train_util.guard(main))
+    app.run(cli.guard(main))

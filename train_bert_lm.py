@@ -5,7 +5,8 @@ Quick CPU trial (a few thousand lines, tiny model, about a minute):
 Full run on the sample corpus (prepared automatically under data/ on first use):
     python train_bert_lm.py --backbone=textcnn --preset=small --num_epochs=10
 Your own corpus, raw Chinese text, one document a line, segmented with jieba:
-    python train_bert_lm.py --mask_lm_source_file=corpus.txt --tokenize_style=word --ckpt_dir=runs/my_lm
+    python train_bert_lm.py --mask_lm_source_file=corpus.txt --tokenize_style=word \
+        --ckpt_dir=runs/my_lm
 Several GPUs:
     python train_bert_lm.py --distribution_strategy=mirrored --batch_size=256
 
@@ -15,6 +16,8 @@ when). Writes to --ckpt_dir: config.json, vocab.txt, data_config.json, backbone.
 epoch by validation masked-LM loss), history.json, history.png, logs/ (TensorBoard), run.json
 (status, fingerprint and checksums). Test mode writes to runs/test_lm unless --ckpt_dir is given.
 """
+import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
+
 import os
 
 import keras
@@ -28,9 +31,9 @@ import train_util
 from data.prepare import ensure_sample_data
 
 FLAGS = flags.FLAGS
-train_util.define_common_flags(1e-4, 0.01, "Use only the first few thousand corpus lines, the tiny "
-                       "preset and one epoch, so the whole job finishes in about a minute.")
-train_util.define_model_flags()
+cli.define_common_flags(1e-4, 0.01, "Use only the first few thousand corpus lines, the tiny "
+                        "preset and one epoch, so the whole job finishes in about a minute.")
+cli.define_model_flags()
 flags.DEFINE_string("mask_lm_source_file", None, "Unlabelled text for pretraining, one document a "
                     "line, its words separated by spaces (or give --tokenize_style=word/char for "
                     "raw text). Default: the sample corpus, <data_path>/pretrain_corpus.txt.")
@@ -48,9 +51,9 @@ flags.DEFINE_float("valid_fraction", 0.05, "Fraction of corpus documents held ou
 
 def validate_flags() -> None:
     """Values that cannot work, refused in one line before any file is touched."""
-    train_util.validate_common_flags()
+    cli.validate_common_flags()
     shortest = 5 if FLAGS.use_nsp else 3  # [CLS] A [SEP] (B [SEP]), one token a segment
-    train_util.check_flag_values([
+    cli.check_flag_values([
         ("sequence_length_lm", FLAGS.sequence_length_lm >= shortest, f"at least {shortest}"),
         ("mask_rate", 0 < FLAGS.mask_rate < 1, "between 0 and 1 (exclusive)"),
         ("valid_fraction", 0 < FLAGS.valid_fraction < 1, "between 0 and 1 (exclusive)")])
@@ -60,37 +63,36 @@ def validate_flags() -> None:
 def main(_):
     # --------------------------------------------------------------------- setup
     validate_flags()
-    timer, strategy = train_util.start_run()
+    timer, strategy = cli.start_run()
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
-    epochs = train_util.epochs_to_run(test_mode_default=1)
+    epochs = cli.epochs_to_run(test_mode_default=1)
     corpus_file = FLAGS.mask_lm_source_file or ensure_sample_data(FLAGS.data_path)["pretrain"]
     data_util.check_readable(corpus_file, "the pretraining corpus, --mask_lm_source_file")
     style = FLAGS.tokenize_style or "space"
-    run, _ = run_directory.open_for_training(train_util.run_dir_flag("ckpt_dir"), "pretrain",
-                                  train_util.run_fingerprint({"corpus": corpus_file}, tokenize=style,
-                                                     model_preset=preset),
-                                  FLAGS.overwrite, "--ckpt_dir", test_run=FLAGS.test_mode)
+    run, _ = run_directory.open_for_training(
+        cli.run_dir_flag("ckpt_dir"), "pretrain",
+        cli.run_fingerprint({"corpus": corpus_file}, tokenize=style, model_preset=preset),
+        FLAGS.overwrite, "--ckpt_dir", test_run=FLAGS.test_mode)
 
     # ---------------------------------------------------------------------- data
     cache_dir = FLAGS.cache_dir or os.path.join(
         os.path.dirname(os.path.abspath(corpus_file)), "cache")
     if FLAGS.test_mode:
         corpus_file = train_util.head_file(corpus_file, 3000, run.file("test_corpus.txt"),
-                                   FLAGS.encoding)
+                                           FLAGS.encoding)
     data_util.warn_if_unsegmented(corpus_file, style, encoding=FLAGS.encoding)
-    vocab, cache = pretrain_task.load_or_build_corpus_cache(corpus_file, style, FLAGS.vocab_size, cache_dir,
-                                                 FLAGS.encoding, FLAGS.process_num)
+    vocab, cache = pretrain_task.load_or_build_corpus_cache(
+        corpus_file, style, FLAGS.vocab_size, cache_dir, FLAGS.encoding, FLAGS.process_num)
     run.write(run_directory.VOCAB, vocab.save)
     run.write_json(run_directory.DATA_CONFIG, {"tokenize_style": style, "vocab_size": len(vocab),
-                                    "sequence_length_lm": FLAGS.sequence_length_lm})
-    train_corpus, valid_corpus = pretrain_task.split_documents(pretrain_task.read_corpus(cache, vocab),
-                                                    FLAGS.valid_fraction,
-                                                    FLAGS.seed)
+                                               "sequence_length_lm": FLAGS.sequence_length_lm})
+    train_corpus, valid_corpus = pretrain_task.split_documents(
+        pretrain_task.read_corpus(cache, vocab), FLAGS.valid_fraction, FLAGS.seed)
     train_ds, valid_ds, steps = make_datasets(train_corpus, valid_corpus, len(vocab))
     print(f"pretraining: {steps} steps an epoch, {epochs} epochs, vocabulary {len(vocab)}")
 
     # --------------------------------------------------------------------- model
-    config = train_util.config_from_flags(len(vocab), preset)
+    config = cli.config_from_flags(len(vocab), preset)
     run.write_json(run_directory.CONFIG, config.to_dict())
     # Transformers are known to need a warm-up; 10% of an epoch unless the flag says otherwise.
     warmup = FLAGS.warmup_steps
@@ -100,19 +102,21 @@ def main(_):
         backbone = model.build_backbone(config)
         pretrainer = model.build_pretraining_model(backbone, use_nsp=FLAGS.use_nsp)
         optimizer = train_util.make_optimizer(FLAGS.learning_rate, steps * epochs, warmup,
-                                      FLAGS.decay_steps, FLAGS.decay_rate, FLAGS.weight_decay)
+                                              FLAGS.decay_steps, FLAGS.decay_rate,
+                                              FLAGS.weight_decay)
         model.compile_pretraining_model(pretrainer, optimizer, FLAGS.use_nsp, FLAGS.jit_compile)
         done, ended, best_state = run_directory.restore(run, pretrainer, epochs)
 
     # ----------------------------------------------------------------------- fit
-    best = run_directory.BestEpoch(run, "val_mlm_loss", "min",
-                        lambda: run.save_weights(backbone, run_directory.BACKBONE_WEIGHTS),
-                        restored=best_state)
-    callbacks = [best, keras.callbacks.TensorBoard(run.file(run_directory.LOGS)), run_directory.EpochBackup(run, best)]
+    best = run_directory.BestEpoch(
+        run, "val_mlm_loss", "min",
+        lambda: run.save_weights(backbone, run_directory.BACKBONE_WEIGHTS), restored=best_state)
+    callbacks = [best, keras.callbacks.TensorBoard(run.file(run_directory.LOGS)),
+                 run_directory.EpochBackup(run, best)]
     if not ended:
         pretrainer.fit(train_ds, validation_data=valid_ds, epochs=epochs, initial_epoch=done,
                        callbacks=callbacks, shuffle=False,
-                       verbose=2 if FLAGS.test_mode else "auto")
+                       verbose=train_util.fit_verbosity())
 
     # -------------------------------------------------------------------- report
     history = run_directory.read_json_file(run.file(run_directory.HISTORY), [])
@@ -124,26 +128,28 @@ def main(_):
               "best_valid_mlm_accuracy": best_epoch["val_mlm_accuracy"], **extra}
     run.finish(scores)
     train_util.summary_line("pretrain", backbone=FLAGS.backbone, **scores,
-                    epochs=len(history), steps=steps * len(history), seconds=timer.seconds(),
-                    ckpt_dir=run.path)
+                            epochs=len(history), steps=steps * len(history),
+                            seconds=timer.seconds(), ckpt_dir=run.path)
 
 
 def make_datasets(train_corpus, valid_corpus, vocab_size: int):
     length, rate, batch = FLAGS.sequence_length_lm, FLAGS.mask_rate, FLAGS.batch_size
     if FLAGS.use_nsp:
         tr_ids, tr_seg, tr_nsp = pretrain_task.make_nsp_pairs(train_corpus, length, FLAGS.seed)
-        va_ids, va_seg, va_nsp = pretrain_task.make_nsp_pairs(valid_corpus, length, FLAGS.seed + 1)
+        va_ids, va_seg, va_nsp = pretrain_task.make_nsp_pairs(valid_corpus, length,
+                                                              FLAGS.seed + 1)
     else:
-        tr_ids, va_ids = pretrain_task.pack_sequences(train_corpus, length), pretrain_task.pack_sequences(valid_corpus,
-                                                                                     length)
+        tr_ids = pretrain_task.pack_sequences(train_corpus, length)
+        va_ids = pretrain_task.pack_sequences(valid_corpus, length)
         tr_seg = tr_nsp = va_seg = va_nsp = None
-    train = pretrain_task.make_pretraining_dataset(tr_ids, vocab_size, batch, rate, tr_seg, tr_nsp,
-                                        shuffle=True, seed=FLAGS.seed)
-    valid = pretrain_task.make_pretraining_dataset(va_ids, vocab_size, batch, rate, va_seg, va_nsp,
-                                        shuffle=False, seed=FLAGS.seed + 1, fixed_masks=True)
+    train = pretrain_task.make_pretraining_dataset(tr_ids, vocab_size, batch, rate, tr_seg,
+                                                   tr_nsp, shuffle=True, seed=FLAGS.seed)
+    valid = pretrain_task.make_pretraining_dataset(va_ids, vocab_size, batch, rate, va_seg,
+                                                   va_nsp, shuffle=False, seed=FLAGS.seed + 1,
+                                                   fixed_masks=True)
     print(f"{len(tr_ids)} training and {len(va_ids)} validation sequences of {length} tokens")
     return train, valid, -(-len(tr_ids) // batch)
 
 
 if __name__ == "__main__":
-    app.run(train_util.guard(main))
+    app.run(cli.guard(main))

@@ -9,6 +9,8 @@ The original's toy task (can the model learn at all? random 0/1 sequences, label
 
 Writes the same run directory as train_bert_fine_tuning.py (predict.py reads either).
 """
+import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
+
 import numpy as np
 from absl import app, flags
 
@@ -17,66 +19,73 @@ import model
 import train_util
 
 FLAGS = flags.FLAGS
-classifier_task.define_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/scratch")
-train_util.define_model_flags()
+cli.define_classifier_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/scratch")
+cli.define_model_flags()
 flags.DEFINE_boolean("toy_task", False, "Train on the original's toy task instead of text and "
                      "report held-out accuracy.")
 
 
 def main(_):
     # --------------------------------------------------------------------- setup
-    classifier_task.validate_flags()
-    timer, strategy = train_util.start_run()
+    cli.validate_classifier_flags()
+    settings = cli.classifier_settings()
+    timer, strategy = cli.start_run()
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
     if FLAGS.toy_task:
-        return run_toy_task(strategy, preset, timer)
+        return run_toy_task(strategy, preset, timer, settings)
     # checked before tokenizing, so that a bad length does not wait for the data
-    model.check_sequence_length(FLAGS.sequence_length, FLAGS.max_position)
-    files = classifier_task.data_files()
-    run = classifier_task.open_run(files)
+    model.check_sequence_length(settings.sequence_length, FLAGS.max_position)
+    run, files = cli.open_classifier_run(cli.classifier_data_files())
 
     # ---------------------------------------------------------------------- data
-    data = classifier_task.load_data(run, files, None, FLAGS.tokenize_style or "space")
-    epochs = train_util.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
+    data = classifier_task.load_data(files, FLAGS.tokenize_style or "space", settings,
+                                     vocab_size=FLAGS.vocab_size)
+    epochs = cli.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
 
     # --------------------------------------------------------------------- model
-    config = train_util.config_from_flags(len(data.vocab), preset)
+    config = cli.config_from_flags(len(data.vocab), preset)
     with strategy.scope():
-        classifier = classifier_task.build_and_compile(model.build_backbone(config), len(data.labels),
-                                          epochs * data.steps_per_epoch(),
-                                          data.label_frequencies())
-    classifier_task.save_run_files(run, data, config)
+        classifier = classifier_task.build_and_compile(
+            model.build_backbone(config), len(data.labels), epochs * data.steps_per_epoch(),
+            settings, data.label_frequencies())
+    classifier_task.save_run_files(run, data, config, settings)
     start = classifier_task.evaluate(classifier, data, "valid")
     print(f"before training: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f}")
 
     # ----------------------------------------------------------------------- fit
-    history = classifier_task.train(classifier, data, run, epochs)
+    history = classifier_task.train(classifier, data, run, epochs, settings)
 
     # -------------------------------------------------------------------- report
-    scores = classifier_task.report(classifier, data, run, history, "from scratch: validation F1")
+    scores = classifier_task.report(classifier, data, run, history,
+                                    "from scratch: validation F1", settings.decision_rule)
     run.finish(scores)
-    train_util.summary_line("scratch", backbone=FLAGS.backbone, **scores, initial_valid_loss=start["loss"],
-                    epochs=len(history), seconds=timer.seconds(), ckpt_dir=run.path)
+    train_util.summary_line("scratch", backbone=FLAGS.backbone, **scores,
+                            initial_valid_loss=start["loss"], epochs=len(history),
+                            seconds=timer.seconds(), ckpt_dir=run.path)
 
 
-def run_toy_task(strategy, preset: str, timer: train_util.Timer) -> None:
-    """Held-out accuracy on the toy task, the convergence check the original's Transformer failed."""
+def run_toy_task(strategy, preset: str, timer: train_util.Timer,
+                 settings: classifier_task.ClassifierSettings) -> None:
+    """Held-out accuracy on the toy task: the convergence check the original's Transformer
+    failed."""
     (train_x, train_y), (test_x, test_y) = (classifier_task.toy_task_data(n, 24, FLAGS.seed + i)
                                             for i, n in enumerate((4000, 1000)))
-    config = train_util.config_from_flags(classifier_task.TOY_VOCAB_SIZE, preset)
+    config = cli.config_from_flags(classifier_task.TOY_VOCAB_SIZE, preset)
+    steps_per_epoch = -(-len(train_x) // settings.batch_size)
+    epochs = cli.epochs_to_run(test_mode_default=10, steps_per_epoch=steps_per_epoch)
     with strategy.scope():
-        steps_per_epoch = classifier_task.steps_per_epoch(len(train_x))
-        epochs = train_util.epochs_to_run(test_mode_default=10, steps_per_epoch=steps_per_epoch)
-        classifier = classifier_task.build_and_compile(model.build_backbone(config), 1,
-                                          epochs * steps_per_epoch, train_y.mean(axis=0))
-    classifier.fit(model.single_segment_inputs(train_x), train_y, batch_size=FLAGS.batch_size,
-                   epochs=epochs, validation_data=(model.single_segment_inputs(test_x), test_y),
-                   verbose=2)
-    logits = model.predict_logits(classifier, test_x, FLAGS.batch_size)
+        classifier = classifier_task.build_and_compile(
+            model.build_backbone(config), 1, epochs * steps_per_epoch, settings,
+            train_y.mean(axis=0))
+    classifier.fit(model.single_segment_inputs(train_x), train_y,
+                   batch_size=settings.batch_size, epochs=epochs,
+                   validation_data=(model.single_segment_inputs(test_x), test_y),
+                   verbose=train_util.fit_verbosity())
+    logits = model.predict_logits(classifier, test_x, settings.batch_size)
     accuracy = float(np.mean((logits[:, 0] > 0) == (test_y[:, 0] > 0.5)))
     train_util.summary_line("toy_task", backbone=FLAGS.backbone, accuracy=accuracy,
-                    seconds=timer.seconds())
+                            seconds=timer.seconds())
 
 
 if __name__ == "__main__":
-    app.run(train_util.guard(main))
+    app.run(cli.guard(main))

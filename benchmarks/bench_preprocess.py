@@ -72,10 +72,10 @@ def run_pipeline(corpus: str, cache_dir: str, process_num: int | None,
     if two_passes:
         vocab = data_util.build_vocabulary([corpus], "word", VOCAB_SIZE, process_num=process_num)
         cache = data_util.load_or_build_token_cache(corpus, vocab, "word", cache_dir,
-                                             process_num=process_num)
+                                                    process_num=process_num)
     else:
         _, cache = data_util.load_or_build_corpus(corpus, "word", VOCAB_SIZE, cache_dir,
-                                           process_num=process_num)
+                                                  process_num=process_num)
     seconds = time.perf_counter() - start
     with h5py.File(cache, "r") as h5:  # shapes only: holding the ids would grow with the corpus
         lines, tokens = h5["offsets"].shape[0] - 1, h5["input_ids"].shape[0]

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 import data_util_hdf5 as data_util  # noqa: E402
 import run_directory  # noqa: E402
-import train_util  # noqa: E402
+import model  # noqa: E402
 from data.prepare import ensure_sample_data  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -138,8 +138,8 @@ def run_tfidf(files: dict, grid) -> dict:
         model = OneVsRestClassifier(LogisticRegression(C=c, max_iter=2000, solver="liblinear"))
         model.fit(x["train"], y["train"])
         valid_probs = model.predict_proba(x["valid"])
-        thresholds = train_util.tune_thresholds(y["valid"], valid_probs)
-        valid = train_util.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
+        thresholds = model.tune_thresholds(y["valid"], valid_probs)
+        valid = model.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
         if best is None or valid > best[0]:
             best = (valid, c, model, thresholds)
     test_probs = best[2].predict_proba(x["test"])
@@ -161,8 +161,8 @@ def run_fasttext(files: dict, grid, multi_label: bool) -> dict:
                                           dim=100, loss="ova" if multi_label else "softmax",
                                           thread=2, seed=1, verbose=0)
         valid_probs = fasttext_probs(model, data["valid"][0], names)
-        thresholds = train_util.tune_thresholds(y["valid"], valid_probs)
-        valid = train_util.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
+        thresholds = model.tune_thresholds(y["valid"], valid_probs)
+        valid = model.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
         if best is None or valid > best[0]:
             best = (valid, (lr, epoch), model, thresholds)
     test_probs = fasttext_probs(best[2], data["test"][0], names)
@@ -185,10 +185,10 @@ def fasttext_probs(model, texts: list[str], names: list[str]) -> np.ndarray:
 def classic_row(gold: np.ndarray, probabilities: np.ndarray, thresholds: np.ndarray,
                 valid_f1: float, chosen: str, seconds: float) -> dict:
     """Test scores with the thresholds tuned on valid (and, for reference, with p >= 0.5)."""
-    test = train_util.f1_scores(gold, probabilities, thresholds)
+    test = model.f1_scores(gold, probabilities, thresholds)
     return {"test_micro_f1": test["micro_f1"], "test_macro_f1": test["macro_f1"],
             "test_f1": test["f1"], "test_f1_sd": 0.0, "seeds": 1,
-            "test_f1_half": train_util.f1_scores(gold, probabilities)["f1"], "valid_f1_epoch1": None,
+            "test_f1_half": model.f1_scores(gold, probabilities)["f1"], "valid_f1_epoch1": None,
             "valid_f1_best": valid_f1, "seconds": round(seconds, 1), "chosen": chosen}
 
 
@@ -409,7 +409,7 @@ def plot(results: dict, path: str) -> None:
     tasks = list(results)
     budgets = [b for b in BUDGETS if any(b in results[t] for t in tasks)]
     fig, axes = plt.subplots(len(tasks), len(budgets), figsize=(5.5 * len(budgets),
-                                                                 3.6 * len(tasks)), squeeze=False)
+                                                                3.6 * len(tasks)), squeeze=False)
     for ax, (task, budget) in zip(axes.flat, [(t, b) for t in tasks for b in budgets]):
         for name, r in results[task].get(budget, {}).items():
             if r.get("valid_curve"):
@@ -554,9 +554,9 @@ def main() -> None:
             for r in results[t][b].values())
         run_directory.write_json_file(results_path, results)
         run_directory.write_json_file(meta_path, {"settings": "quick" if args.quick else "full",
-                                  "pretraining": pretraining, "seconds": round(seconds),
-                                  "cpu_count": os.cpu_count(), "pretrain_budgets": study,
-                                  "flags": {k: v for k, v in settings.items()}})
+                                                  "pretraining": pretraining, "seconds": round(seconds),
+                                                  "cpu_count": os.cpu_count(), "pretrain_budgets": study,
+                                                  "flags": {k: v for k, v in settings.items()}})
         write_reports(results, pretraining, "quick" if args.quick else "full", seconds, suffix,
                       study)
 

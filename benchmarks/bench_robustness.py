@@ -80,7 +80,7 @@ def fake_unfinished_run(directory: str, kind: str) -> None:
     """A directory that an interrupted (full, not test-mode) run with other settings left."""
     import run_directory
     run, _ = run_directory.open_for_training(directory, kind, {"test_mode": False, "backbone": "transformer",
-                                                    "d_model": 32}, overwrite=True)
+                                                               "d_model": 32}, overwrite=True)
     run.release()
 
 
@@ -160,7 +160,7 @@ def catalogue(shared: dict) -> list[Case]:
         Case("pretraining directory without data_config.json", "train_bert_fine_tuning.py",
              ["--test_mode=True", "--pretrained_dir={tmp}/lm", "--ckpt_dir_save={tmp}/ft"],
              "data_config.json is missing", lambda tmp: damaged_copy(lm, f"{tmp}/lm",
-                                                                   remove="data_config.json")),
+                                                                     remove="data_config.json")),
         Case("--export_dir is a file", "predict.py",
              [f"--ckpt_dir={ft}", "--export_dir={tmp}/file"], "is a file",
              lambda tmp: write(f"{tmp}/file", "x")),
@@ -267,7 +267,7 @@ _BATCH_DRIVER = """
 import contextlib, importlib, io, json, sys, traceback
 sys.path.insert(0, {root!r})
 from absl import flags
-import train_util
+import cli
 script = importlib.import_module({module!r})
 results = []
 for argv in json.loads(sys.stdin.read()):
@@ -276,7 +276,7 @@ for argv in json.loads(sys.stdin.read()):
     with contextlib.redirect_stderr(captured):
         try:
             flags.FLAGS([{module!r} + ".py", *argv])
-            train_util.guard(script.main)([{module!r}])
+            cli.guard(script.main)([{module!r}])
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else 1
         except BaseException:

@@ -18,13 +18,26 @@ def single_segment_inputs(token_ids) -> dict:
             "padding_mask": tf.cast(token_ids != PAD_ID, tf.int32)}
 
 
-def trim_padding(token_ids: tf.Tensor, multiple: int = 8) -> tf.Tensor:
-    """Cut the padding columns after a batch's longest row (rounded up to `multiple`, so XLA
-    sees few shapes). Both backbones mask padding, so the real positions' outputs stay the same
-    and the padding is simply not computed."""
+# Batch widths are rounded up to a multiple of this, so a compiled (XLA) step sees few shapes.
+WIDTH_MULTIPLE = 8
+
+
+def _round_up(width: tf.Tensor) -> tf.Tensor:
+    return -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
+def trim_padding(token_ids: tf.Tensor) -> tf.Tensor:
+    """Cut the padding columns after a batch's longest row (width rounded up to WIDTH_MULTIPLE).
+    Both backbones mask padding, so the real positions' outputs stay the same and the padding is
+    simply not computed."""
     longest = tf.reduce_max(tf.reduce_sum(tf.cast(token_ids != PAD_ID, tf.int32), axis=1))
-    width = tf.minimum(-(-longest // multiple) * multiple, tf.shape(token_ids)[1])
-    return token_ids[:, :width]
+    return token_ids[:, :tf.minimum(_round_up(longest), tf.shape(token_ids)[1])]
+
+
+def pad_to_multiple(token_ids: tf.Tensor) -> tf.Tensor:
+    """Pad a batch cut to its longest row with [PAD] columns up to a multiple of WIDTH_MULTIPLE."""
+    width = tf.shape(token_ids)[1]
+    return tf.pad(token_ids, [[0, 0], [0, _round_up(width) - width]])
 
 
 def backbone_inputs() -> dict[str, keras.KerasTensor]:

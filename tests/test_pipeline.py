@@ -108,15 +108,15 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path):
                     f"--input_file={valid_file}")
     assert len(from_file.stdout.splitlines()) == 100
     # the run's tuned thresholds decide, unless --decision_rule=half asks for p >= 0.5
+    import model
     import predict
-    import train_util
     predictor = predict.Predictor(run_dir)
     texts = [line for _, line in zip(range(100), open(valid_file, encoding="utf-8"))]
     probs = predictor.probabilities(texts)
     for flags, thresholds in (([], predictor.thresholds), (["--decision_rule=half"], None)):
         out = run("predict.py", f"--ckpt_dir={run_dir}", "--test_mode=True",
                   f"--input_file={valid_file}", *flags).stdout.splitlines()
-        chosen = train_util.predict_labels(probs, thresholds)
+        chosen = model.predict_labels(probs, thresholds)
         assert [sorted(json.loads(line)["labels"]) for line in out] == [
             sorted(labels[i] for i in np.flatnonzero(row)) for row in chosen]
     missing = run("predict.py", f"--ckpt_dir={tmp_path}", stdin="x\n", check=False)
@@ -219,10 +219,10 @@ def mirrored_pretraining(run_dir: str) -> list[str]:
     code = (
         "import sys, train_util; train_util.split_cpu_for_testing(2)\n"
         "import tensorflow as tf; assert len(tf.config.list_logical_devices('CPU')) == 2\n"
-        "from absl import app; import train_bert_lm\n"
+        "from absl import app; import cli, train_bert_lm\n"
         f"sys.argv = ['train_bert_lm.py', '--test_mode=True', '--distribution_strategy=mirrored',"
         f" '--num_epochs=2', '--ckpt_dir={run_dir}']\n"
-        "app.run(train_util.guard(train_bert_lm.main))\n")
+        "app.run(cli.guard(train_bert_lm.main))\n")
     return [sys.executable, "-c", code]
 
 

@@ -3,18 +3,19 @@ import numpy as np
 import pytest
 
 import data_util_hdf5 as data_util
+import model
 import train_util
 
 
 def test_prediction_rule_takes_every_label_over_half_or_the_top_one():
     probs = np.array([[0.9, 0.6, 0.1], [0.2, 0.4, 0.3], [0.5, 0.1, 0.0]])
-    assert train_util.predict_labels(probs).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+    assert model.predict_labels(probs).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
 
 
 def test_f1_is_the_mean_of_micro_and_macro_over_all_train_labels():
     gold = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]])
     probs = np.array([[0.9, 0.1, 0.1], [0.8, 0.1, 0.2], [0.7, 0.9, 0.1]])
-    scores = train_util.f1_scores(gold, probs)
+    scores = model.f1_scores(gold, probs)
     # label 0: tp 2 fp 1 fn 0 -> 0.8; label 1: tp 1 fn 1 -> 2/3; label 2 never seen -> 0
     assert scores["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
     assert scores["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 0.0) / 3)
@@ -23,7 +24,7 @@ def test_f1_is_the_mean_of_micro_and_macro_over_all_train_labels():
 
 def test_per_label_report_names_every_label():
     gold = np.array([[1, 0], [0, 1]])
-    report = train_util.per_label_report(gold, np.array([[0.9, 0.1], [0.9, 0.2]]), ["a", "b"])
+    report = model.per_label_report(gold, np.array([[0.9, 0.1], [0.9, 0.2]]), ["a", "b"])
     assert [r["label"] for r in report] == ["a", "b"]
     assert report[0]["precision"] == pytest.approx(0.5) and report[1]["recall"] == 0.0
 
@@ -32,7 +33,7 @@ def test_thresholds_pick_each_labels_own_cut_and_a_fallback():
     probs = np.array([[0.9, 0.2, 0.1], [0.3, 0.05, 0.65], [0.4, 0.45, 0.2]])
     cut = np.array([0.5, 0.15, 0.7])
     # row 1: label 1 passes its 0.15; row 2: none passes, label 2 is nearest (0.65 - 0.7)
-    assert train_util.predict_labels(probs, cut).tolist() == [[1, 1, 0], [0, 0, 1], [0, 1, 0]]
+    assert model.predict_labels(probs, cut).tolist() == [[1, 1, 0], [0, 0, 1], [0, 1, 0]]
 
 
 def test_tuned_thresholds_find_a_rare_labels_low_probabilities():
@@ -43,14 +44,14 @@ def test_tuned_thresholds_find_a_rare_labels_low_probabilities():
     gold[:3, 2] = 1                     # too rare in valid for a threshold of its own
     probs = np.where(gold == 1, 0.8, 0.1)
     probs[:, 1] = np.where(gold[:, 1] == 1, 0.3, 0.05)
-    thresholds = train_util.tune_thresholds(gold, probs)
+    thresholds = model.tune_thresholds(gold, probs)
     assert 0.05 < thresholds[1] <= 0.3
     assert thresholds[2] == thresholds[0]  # both the shared threshold
-    tuned = train_util.per_label_report(gold, probs, ["a", "b", "c"], thresholds)
-    half = train_util.per_label_report(gold, probs, ["a", "b", "c"])
+    tuned = model.per_label_report(gold, probs, ["a", "b", "c"], thresholds)
+    half = model.per_label_report(gold, probs, ["a", "b", "c"])
     assert tuned[1]["threshold"] == thresholds[1] and tuned[1]["f1"] == 1.0
     assert half[1]["f1"] < 0.8
-    assert train_util.f1_scores(gold, probs, thresholds)["f1"] > train_util.f1_scores(gold, probs)["f1"]
+    assert model.f1_scores(gold, probs, thresholds)["f1"] > model.f1_scores(gold, probs)["f1"]
 
 
 def test_schedule_warms_up_then_falls_linearly_to_zero_at_the_last_step():
@@ -65,7 +66,7 @@ def test_schedule_warms_up_then_falls_linearly_to_zero_at_the_last_step():
 
 def test_schedule_keeps_the_originals_exponential_decay_on_request():
     schedule = train_util.WarmupDecay(1e-3, total_steps=10, warmup_steps=10, decay_steps=100,
-                              decay_rate=0.5)
+                                      decay_rate=0.5)
     assert float(schedule(100)) == pytest.approx(5e-4)
     assert float(schedule(300)) == pytest.approx(1.25e-4)
 
@@ -74,7 +75,6 @@ def test_backbone_learns_at_its_scale_of_the_heads_rate():
     """Adam's first step moves every weight by about the learning rate, whatever its gradient,
     so a scaled variable must move `scale` times as far; scale 0 holds it still."""
     import keras
-    import model
 
     config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
     ids = np.random.default_rng(0).integers(5, 50, size=(16, 12)).astype(np.int32)

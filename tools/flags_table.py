@@ -12,7 +12,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_bert_lm.py", "train_bert_fine_tuning.py", "train_transform.py", "predict.py")
-OWN_MODULES = ("train_util", "classifier_task")
+OWN_MODULES = ("cli",)
 
 # Run in a child per script: each script defines its flags on import, and the four share absl's
 # global registry, so they cannot be imported into one process together.
