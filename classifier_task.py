@@ -66,7 +66,7 @@ class ClassificationData:
                 .map(lambda x, y, n: (x[:n], y))
                 .bucket_by_sequence_length(lambda x, y: tf.shape(x)[0], edges,
                                            [self.batch_size] * (len(edges) + 1))
-                .map(lambda x, y: (model.single_segment_inputs(model.pad_to_multiple(x)), y)))
+                .map(lambda x, y: (model.backbone_features(model.pad_to_multiple(x)), y)))
         return (data.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch()))
                 .prefetch(tf.data.AUTOTUNE))
 

@@ -331,7 +331,7 @@ def open_classifier_run(files: dict[str, str],
         run_dir_flag("ckpt_dir_save"), "classifier", run_fingerprint(files, **fingerprint_extra),
         FLAGS.overwrite, "--ckpt_dir_save", test_run=FLAGS.test_mode)
     if FLAGS.test_mode:
-        files = {split: train_util.head_file(
+        files = {split: data_util.copy_first_lines(
                      path, TEST_MODE_LINES[split],
                      os.path.join(run.file(run_directory.TEST_DATA), f"{split}.txt"),
                      FLAGS.encoding)

@@ -98,7 +98,7 @@ def ensure_free_space(path: str, needed_bytes: int) -> None:
     plus FREE_SPACE_MARGIN."""
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     if free < needed_bytes + FREE_SPACE_MARGIN:
-        path = re.sub(r"\.\d+\.tmp$", "", path)  # name the file the user knows
+        path = _target_of(path)  # HDF5 knows its file by the temporary name
         raise DiskFullError(f"{path}: not enough disk space to write it ({free >> 20} MiB free, "
                             f"about {(needed_bytes + FREE_SPACE_MARGIN) >> 20} MiB needed); free "
                             "some space (or point the directory flag at a larger disk), then "
@@ -120,6 +120,178 @@ def quiet_failed_hdf5_writes():
         yield
     finally:
         sys.unraisablehook = previous
+
+
+# ----------------------------------------------------------------------------- writing files
+TEMPORARY_PREFIX = ".tmp-"
+_TEMPORARY = re.compile(r"\.tmp-(\d+)-(.+)")
+RERUN = "rerun the same command"
+# A write refused for want of rights, which the user can fix. Any other OSError met while
+# writing (a failed fork in the tokenizer pool, say) is left whole: "cannot write" would mislead.
+_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def temporary_name(path: str) -> str:
+    """``dir/.tmp-<pid>-name`` beside `path`: on its file system, so the rename is atomic; the
+    PID tells a later writer whether this one still lives; and the name keeps its ending, as
+    Keras only saves weights to names ending in ``.weights.h5``."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f"{TEMPORARY_PREFIX}{os.getpid()}-{name}")
+
+
+def _target_of(path: str) -> str:
+    """The file a temporary name stands for (`path` itself otherwise): the name the user knows.
+    A writer handed a temporary may nest one more level, hence the loop."""
+    directory, name = os.path.split(path)
+    while match := _TEMPORARY.fullmatch(name):
+        name = match[2]
+    return os.path.join(directory, name)
+
+
+def write_file_atomically(path: str, write: Callable[[str], None], then: str = RERUN) -> None:
+    """Call `write(temporary)` for a file beside `path`, flush it to disk and rename it to
+    `path`: whenever the process dies, `path` holds its old content or all of the new one.
+
+    A killed writer's leftover for `path` is removed first. On failure the temporary is removed
+    and `path` is untouched; a full disk raises DiskFullError and a refused write DataError, one
+    line naming `path` and ending in `then` (the user's next step).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = temporary_name(path)
+    with _undone_on_failure(path, temporary, then):
+        os.makedirs(directory, exist_ok=True)
+        remove_dead_temporaries(directory, os.path.basename(path))
+        write(temporary)
+        _fsync(temporary)
+        os.replace(temporary, path)
+    _fsync_directory(directory)
+
+
+def write_directory_atomically(path: str, write: Callable[[str], None],
+                               then: str = RERUN) -> None:
+    """`write_file_atomically` for a directory (a SavedModel export): `write(temporary)` fills
+    a new directory beside `path`, which then takes its place. A directory cannot be renamed
+    over a full one, so an older `path` is moved aside first and removed after the swap."""
+    path = os.path.normpath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary, old = temporary_name(path), temporary_name(path + "-replaced")
+    with _undone_on_failure(path, temporary, then):
+        os.makedirs(directory, exist_ok=True)
+        for leftover in (name, name + "-replaced"):
+            remove_dead_temporaries(directory, leftover)
+        write(temporary)
+        _fsync_tree(temporary)
+        _swap_in(temporary, path, old)
+    _fsync_directory(directory)
+    _remove_file_or_tree(old)
+
+
+def _swap_in(temporary: str, path: str, old: str) -> None:
+    if os.path.lexists(path):
+        os.replace(path, old)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.lexists(old):  # the swap failed half-way: the previous one goes back
+            os.replace(old, path)
+        raise
+
+
+@contextlib.contextmanager
+def _undone_on_failure(path: str, temporary: str, then: str):
+    with quiet_failed_hdf5_writes():
+        try:
+            yield
+        except BaseException as error:
+            _remove_file_or_tree(temporary)
+            explained = _write_error(error, _target_of(path), then)
+            if explained is None:
+                raise
+            raise explained from None
+
+
+def _write_error(error: BaseException, path: str, then: str) -> DataError | None:
+    """The one-line error the scripts print for a failed write, or None to let `error` through
+    (a DataError already says what to do)."""
+    if isinstance(error, DataError):
+        return None
+    if is_disk_full(error):
+        return DiskFullError(f"{path}: no space left on the device; free disk space, then {then}")
+    if isinstance(error, OSError) and error.errno in _REFUSED:
+        # os.strerror, not the error's text: h5py's names the temporary file
+        return DataError(f"{path}: cannot write ({os.strerror(error.errno)}); fix the "
+                         f"permissions, then {then}")
+    return None
+
+
+def remove_dead_temporaries(directory: str, name: str | None = None) -> int:
+    """Remove the temporary files and directories that killed writers left in `directory`
+    (only those standing for `name`, when given); returns how many. A live writer's stay."""
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(directory), TEMPORARY_PREFIX + "*")):
+        match = _TEMPORARY.fullmatch(os.path.basename(path))
+        if match and name in (None, match[2]) and not process_alive(int(match[1])):
+            _remove_file_or_tree(path)
+            removed += 1
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename inside `directory` survive a power cut. Some file systems refuse to sync a
+    directory; the rename has happened by then, so that is no reason to fail the write."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for directory, _, names in os.walk(root):
+        for name in names:
+            _fsync(os.path.join(directory, name))
+        _fsync_directory(directory)
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_file_or_tree(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        remove_quietly(path)
+
+
+def write_text_atomically(path: str, text: str, then: str = RERUN) -> None:
+    """`text` to `path` through `write_file_atomically`, as UTF-8 with "\\n" line ends."""
+    write_file_atomically(path, lambda temporary: write_utf8(temporary, text), then)
+
+
+def write_utf8(path: str, text: str) -> None:
+    """Write `text` as UTF-8 with "\\n" line ends; a `write` for `write_file_atomically`."""
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -221,6 +393,21 @@ def check_encoding(encoding: str) -> None:
     if "\n".encode(encoding) != b"\n":
         raise DataError(f"--encoding={encoding}: files are read line by line, which needs an "
                         "ASCII-compatible encoding; convert the file to utf-8 first")
+
+
+def copy_first_lines(source: str, num_lines: int, target: str, encoding: str = "utf-8") -> str:
+    """Copy the first `num_lines` lines of `source` to `target` (test mode's small slice), in the
+    source's own encoding so that later reads with the same encoding see the same text."""
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding=encoding, newline="\n") as copy:
+            for line_no, line in read_lines(source, encoding):
+                if line_no > num_lines:
+                    break
+                copy.write(line + "\n")
+
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    write_file_atomically(target, write)
+    return target
 
 
 def read_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
@@ -446,7 +633,7 @@ class Vocabulary:
 
     def save(self, path: str) -> None:
         """Write ``vocab.txt``: one token a line, line i (from 0) holding the token of id i."""
-        _write_text_atomically(path, "".join(token + "\n" for token in self.tokens))
+        write_text_atomically(path, "".join(token + "\n" for token in self.tokens))
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
@@ -568,7 +755,7 @@ def build_label_list(train_path: str, encoding: str = "utf-8") -> list[str]:
 
 def save_label_list(labels: list[str], path: str) -> None:
     """Write ``labels.txt``: one label a line, in index order."""
-    _write_text_atomically(path, "".join(label + "\n" for label in labels))
+    write_text_atomically(path, "".join(label + "\n" for label in labels))
 
 
 def load_label_list(path: str) -> list[str]:
@@ -606,30 +793,15 @@ def cache_path(cache_dir: str, prefix: str, fingerprint: str) -> str:
 
 def write_hdf5_atomically(path: str, write_fn: Callable[[h5py.File], None],
                           fingerprint: str) -> None:
-    """Run `write_fn` on a new HDF5 file under a temporary name, mark it complete, rename it.
+    """Run `write_fn` on a new HDF5 file, mark it complete with `fingerprint`, and put it at
+    `path` through `write_file_atomically`: a file found at `path` is always a whole cache."""
+    def write(temporary: str) -> None:
+        with h5py.File(temporary, "w") as h5:
+            write_fn(h5)
+            h5.attrs["fingerprint"] = fingerprint
+            h5.attrs["complete"] = True
 
-    The temporary file sits beside `path` (so the rename is atomic) and is named
-    ``<path>.<pid>.tmp``; leftovers of killed runs are removed on the next write.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _remove_orphaned_temporaries(path)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with quiet_failed_hdf5_writes():
-        try:
-            with h5py.File(temporary, "w") as h5:
-                write_fn(h5)
-                h5.attrs["fingerprint"] = fingerprint
-                h5.attrs["complete"] = True
-                h5.flush()
-            _fsync(temporary)
-            os.replace(temporary, path)
-        except BaseException as error:
-            remove_quietly(temporary)
-            if is_disk_full(error):
-                raise DiskFullError(f"{path}: no space left on the device for this cache; free "
-                                    "disk space or point --cache_dir at a larger disk, then "
-                                    "rerun") from None
-            raise
+    write_file_atomically(path, write, then=f"{RERUN}, or point --cache_dir elsewhere")
 
 
 def open_valid_cache(path: str, fingerprint: str) -> bool:
@@ -649,46 +821,10 @@ def open_valid_cache(path: str, fingerprint: str) -> bool:
     return valid
 
 
-def _remove_orphaned_temporaries(path: str) -> None:
-    for temporary in glob.glob(glob.escape(path) + ".*.tmp"):
-        pid = temporary[len(path) + 1:-len(".tmp")]
-        if pid.isdigit() and not process_alive(int(pid)):
-            remove_quietly(temporary)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(temporary, path)
-
-
 # ----------------------------------------------------------------------------- classification
-def check_sequence_length(sequence_length: int) -> None:
+def check_minimum_sequence_length(sequence_length: int) -> None:
+    """Raise DataError unless `sequence_length` is a whole number with room for [CLS] and at
+    least one token (model.check_sequence_length checks the other end, against max_position)."""
     if not isinstance(sequence_length, int) or sequence_length < 2:
         raise DataError(f"--sequence_length={sequence_length!r} must be at least 2 ([CLS] and one "
                         "token)")
@@ -723,7 +859,7 @@ def load_or_build_classification_cache(files: dict[str, str], vocab: Vocabulary,
     """
     if "train" not in files:
         raise DataError("no training file given; pass --training_data_file")
-    check_sequence_length(sequence_length)
+    check_minimum_sequence_length(sequence_length)
     _check_style(tokenize_style)
     if not labels:
         raise DataError("the label list is empty; the training file needs __label__ labels")

@@ -105,14 +105,14 @@ def export_classifier(classifier, export_dir: str) -> None:
     import tensorflow as tf
 
     def serve(token_ids):
-        features = model.single_segment_inputs(model.trim_padding(token_ids))
+        features = model.backbone_features(model.trim_padding(token_ids))
         return {"probabilities": tf.sigmoid(classifier(features, training=False))}
 
     archive = keras.export.ExportArchive()
     archive.track(classifier)
     archive.add_endpoint("serve", serve, input_signature=[
         tf.TensorSpec([None, None], tf.int32, name="token_ids")])
-    run_directory.write_directory_atomically(export_dir, archive.write_out)
+    data_util.write_directory_atomically(export_dir, archive.write_out)
 
 
 def read_documents(path: str | None, encoding: str):

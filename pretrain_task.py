@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 import data_util_hdf5 as data_util
+import model
 
 # Tokens that end a sentence. Splitting happens on tokens, so it works for every tokenize style.
 SENTENCE_END_TOKENS = frozenset("。！？；!?;…") | {"……", "！！", "？？"}
@@ -110,19 +111,23 @@ def make_nsp_pairs(corpus: Corpus, sequence_length: int, seed: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`[CLS] A [SEP] B [SEP]` rows with segment ids and labels (1 = B follows A, 0 = random B).
 
-    A document that fits in one piece is cut in half so that it still yields a true pair.
+    A document that fits in one piece is cut in half so that it still yields a true pair. The B
+    of a random pair is a piece of another document, drawn uniformly from all their pieces;
+    when no other document holds text (a one-line corpus, or a validation split of a single
+    document) there is nothing to draw from, and every pair is a true pair.
     """
     budget = (sequence_length - 3) // 2
-    docs = _document_chunks(corpus, budget)
-    docs = [d if len(d) > 1 else _halves(d) for d in docs]
-    flat = [(di, c) for di, d in enumerate(docs) for c in d]
+    docs = [d if len(d) > 1 else _halves(d) for d in _document_chunks(corpus, budget)]
+    chunks = [c for d in docs for c in d]
+    starts = np.cumsum([0] + [len(d) for d in docs])
     rng = np.random.default_rng(seed)
     rows, segments, labels = [], [], []
     for di, doc in enumerate(docs):
+        alone = len(doc) == len(chunks)
         for a, b in zip(doc[:-1], doc[1:]):
-            is_next = rng.random() < 0.5 or len(docs) == 1
+            is_next = rng.random() < 0.5 or alone
             if not is_next:
-                b = _random_other_chunk(flat, di, rng)
+                b = _random_other_chunk(chunks, starts, di, rng)
             row, seg = _pair_row(a, b, sequence_length)
             rows.append(row)
             segments.append(seg)
@@ -140,12 +145,14 @@ def _halves(doc: list[np.ndarray]) -> list[np.ndarray]:
     return [doc[0][:middle], doc[0][middle:]]
 
 
-def _random_other_chunk(flat: list, doc_index: int, rng: np.random.Generator) -> np.ndarray:
-    for _ in range(10):
-        other_doc, chunk = flat[rng.integers(len(flat))]
-        if other_doc != doc_index:
-            return chunk
-    return chunk
+def _random_other_chunk(chunks: list[np.ndarray], starts: np.ndarray, doc: int,
+                        rng: np.random.Generator) -> np.ndarray:
+    """A piece of any document but `doc`, all such pieces equally likely; document d's pieces
+    are `chunks[starts[d]:starts[d + 1]]`, and some other document must have one."""
+    own = starts[doc + 1] - starts[doc]
+    # one draw over the other pieces, skipping over doc's own block: no retries, never doc
+    k = int(rng.integers(len(chunks) - own))
+    return chunks[k + own if k >= starts[doc] else k]
 
 
 def _pair_row(a: np.ndarray, b: np.ndarray, sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,8 +225,8 @@ def make_pretraining_dataset(token_ids: np.ndarray, vocab_size: int, batch_size:
 
     def to_example(batch: dict) -> tuple[dict, dict]:
         masked = mask_tokens(batch["token_ids"], vocab_size, mask_rate, max_predictions, generator)
-        features = {"token_ids": masked["token_ids"], "segment_ids": batch["segment_ids"],
-                    "padding_mask": tf.cast(batch["token_ids"] != data_util.PAD_ID, tf.int32),
+        # masking never writes [PAD], so the mask of the masked ids is that of the originals
+        features = {**model.backbone_features(masked["token_ids"], batch["segment_ids"]),
                     "masked_positions": masked["masked_positions"]}
         targets = {"mlm": masked["masked_ids"]}
         if "nsp" in batch:

@@ -15,7 +15,6 @@ at it, and only then is the older file removed. It is the last thing written at 
 from __future__ import annotations
 
 import atexit
-import glob
 import hashlib
 import json
 import os
@@ -55,7 +54,6 @@ CHECKSUMMED = (CONFIG, DATA_CONFIG, VOCAB, LABELS, THRESHOLDS, BACKBONE_WEIGHTS,
 ARTEFACTS = CHECKSUMMED + (HISTORY, HISTORY_PLOT, BEST, "test_report.json", "valid_report.json",
                            "test_corpus.txt")
 ARTEFACT_DIRS = (BACKUP, LOGS, TEST_DATA)
-TEMPORARY_PREFIX = ".tmp-"
 KINDS = ("pretrain", "classifier")
 
 
@@ -80,53 +78,10 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def temporary_name(path: str) -> str:
-    """`dir/.tmp-<pid>-name` beside `path`: same file system (atomic rename), and the PID tells
-    the next run whether its writer is still alive. Keras wants weights files to end in
-    .weights.h5, so the name keeps its ending."""
-    directory, name = os.path.split(path)
-    return os.path.join(directory, f"{TEMPORARY_PREFIX}{os.getpid()}-{name}")
-
-
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Call `write(temporary_path)`, flush it to disk and rename it to `path`; on any failure the
-    temporary file is removed and `path` keeps its previous content. A full disk or a refused
-    write becomes a RunError naming the file."""
-    temporary = temporary_name(path)
-    with data_util.quiet_failed_hdf5_writes():
-        try:
-            write(temporary)
-            with open(temporary, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except BaseException as error:
-            data_util.remove_quietly(temporary)
-            if data_util.is_disk_full(error):
-                raise data_util.DiskFullError(f"{path}: no space left on the device; free disk space, "
-                                       "then rerun the same command to resume") from None
-            if isinstance(error, OSError):
-                raise RunError(f"{path}: cannot write ({error.strerror or error}); fix the "
-                               "permissions, then rerun the same command to resume") from None
-            raise
-
-
-def write_directory_atomically(path: str, write: Callable[[str], None]) -> None:
-    """`write_atomically` for a directory (a SavedModel export): built beside `path` under a
-    temporary name, then swapped in; an older `path` is removed only after the swap."""
-    path = os.path.normpath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sweep_temporaries(os.path.dirname(os.path.abspath(path)))
-    temporary = temporary_name(path)
-    old = temporary_name(path + "-replaced")
-    try:
-        write(temporary)
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    """`data_util.write_file_atomically` for a run's files: `write(temporary_path)`, then a
+    rename; a failed write keeps the previous file, and its error says a rerun resumes."""
+    data_util.write_file_atomically(path, write, then=f"{data_util.RERUN} to resume")
 
 
 def write_json_file(path: str, value) -> None:
@@ -142,21 +97,6 @@ def read_json_file(path: str, default=None):
     except (OSError, ValueError) as error:
         raise RunError(f"{path}: unreadable ({error}); it was damaged after the run wrote it") \
             from None
-
-
-def sweep_temporaries(directory: str) -> int:
-    """Remove the temporary files (and directories) that killed writers left in `directory`;
-    returns how many. Those of live processes stay: they may be being written."""
-    removed = 0
-    for path in glob.glob(os.path.join(glob.escape(directory), f"{TEMPORARY_PREFIX}*")):
-        pid = os.path.basename(path)[len(TEMPORARY_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not data_util.process_alive(int(pid)):
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                data_util.remove_quietly(path)
-            removed += 1
-    return removed
 
 
 # ---------------------------------------------------------------------------- the run
@@ -198,10 +138,7 @@ class Run:
         self.write(name, lambda tmp: _dump_json(tmp, value))
 
     def write_text(self, name: str, text: str) -> None:
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-        self.write(name, write)
+        self.write(name, lambda tmp: data_util.write_utf8(tmp, text))
 
     def save_weights(self, model: keras.Model, name: str) -> None:
         data_util.ensure_free_space(self.file(name), weights_bytes(model))
@@ -311,7 +248,7 @@ def open_for_training(path: str, kind: str, fingerprint: dict, overwrite: bool,
     _lock(run, flag)
     try:
         for directory in (path, os.path.join(path, BACKUP)):
-            sweep_temporaries(directory)
+            data_util.remove_dead_temporaries(directory)
         resuming = _decide(run, fingerprint, overwrite, flag, test_run)
     except BaseException:
         run.release()

@@ -19,6 +19,7 @@ epoch by validation masked-LM loss), history.json, history.png, logs/ (TensorBoa
 import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
 
 import os
+import warnings
 
 import keras
 from absl import app, flags
@@ -78,8 +79,8 @@ def main(_):
     cache_dir = FLAGS.cache_dir or os.path.join(
         os.path.dirname(os.path.abspath(corpus_file)), "cache")
     if FLAGS.test_mode:
-        corpus_file = train_util.head_file(corpus_file, 3000, run.file("test_corpus.txt"),
-                                           FLAGS.encoding)
+        corpus_file = data_util.copy_first_lines(corpus_file, 3000,
+                                                 run.file("test_corpus.txt"), FLAGS.encoding)
     data_util.warn_if_unsegmented(corpus_file, style, encoding=FLAGS.encoding)
     vocab, cache = pretrain_task.load_or_build_corpus_cache(
         corpus_file, style, FLAGS.vocab_size, cache_dir, FLAGS.encoding, FLAGS.process_num)
@@ -98,6 +99,9 @@ def main(_):
     warmup = FLAGS.warmup_steps
     if warmup is None:
         warmup = steps // 10 if FLAGS.backbone == "transformer" else 0
+    if not FLAGS.use_nsp:
+        # Without NSP the pooler gets no gradient (fine-tuning trains it): not worth a warning.
+        warnings.filterwarnings("ignore", message="Gradients do not exist for variables .*pooler")
     with strategy.scope():
         backbone = model.build_backbone(config)
         pretrainer = model.build_pretraining_model(backbone, use_nsp=FLAGS.use_nsp)

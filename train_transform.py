@@ -77,9 +77,9 @@ def run_toy_task(strategy, preset: str, timer: train_util.Timer,
         classifier = classifier_task.build_and_compile(
             model.build_backbone(config), 1, epochs * steps_per_epoch, settings,
             train_y.mean(axis=0))
-    classifier.fit(model.single_segment_inputs(train_x), train_y,
+    classifier.fit(model.backbone_features(train_x), train_y,
                    batch_size=settings.batch_size, epochs=epochs,
-                   validation_data=(model.single_segment_inputs(test_x), test_y),
+                   validation_data=(model.backbone_features(test_x), test_y),
                    verbose=train_util.fit_verbosity())
     logits = model.predict_logits(classifier, test_x, settings.batch_size)
     accuracy = float(np.mean((logits[:, 0] > 0) == (test_y[:, 0] > 0.5)))

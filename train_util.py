@@ -160,21 +160,6 @@ class SetBackboneScale(keras.callbacks.Callback):
 
 
 # ----------------------------------------------------------------------------- utilities
-def head_file(source: str, num_lines: int, target: str, encoding: str = "utf-8") -> str:
-    """Copy the first `num_lines` lines of `source` to `target` (test_mode's small slice), in the
-    source's own encoding so that the later reads with the same --encoding see the same text."""
-    import data_util_hdf5 as data_util
-
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    with open(target + ".tmp", "w", encoding=encoding, newline="\n") as dst:
-        for line_no, line in data_util.read_lines(source, encoding):
-            if line_no > num_lines:
-                break
-            dst.write(line + "\n")
-    os.replace(target + ".tmp", target)
-    return target
-
-
 def fit_verbosity() -> int | str:
     """Keras' progress bar on a terminal; one line an epoch in a log file (a bar redrawn every
     step fills a file with carriage returns)."""

@@ -35,9 +35,9 @@ def encode(path: str, vocab: data_util.Vocabulary, style: str, length: int):
 
 
 def pooled(backbone, ids: np.ndarray) -> np.ndarray:
-    inputs = {"token_ids": ids, "segment_ids": np.zeros_like(ids),
-              "padding_mask": (ids != data_util.PAD_ID).astype(np.int32)}
-    return backbone.predict(inputs, batch_size=256, verbose=0)["pooled_output"]
+    pooled = [backbone(model.backbone_features(ids[start:start + 256]))["pooled_output"].numpy()
+              for start in range(0, len(ids), 256)]
+    return np.concatenate(pooled)
 
 
 def mean_embedding(backbone, ids: np.ndarray) -> np.ndarray:

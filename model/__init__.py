@@ -1,6 +1,6 @@
 """Swappable backbones (Transformer, TextCNN), heads and task models. See DESIGN.md's contract."""
-from .backbone import (INPUT_NAMES, PAD_ID, backbone_inputs, build_backbone, get_token_embedding,
-                       pad_to_multiple, single_segment_inputs, trim_padding)
+from .backbone import (INPUT_NAMES, PAD_ID, backbone_features, backbone_inputs, build_backbone,
+                       get_token_embedding, pad_to_multiple, trim_padding)
 from .config import (BACKBONES, PRESETS, ConfigError, ModelConfig, check_sequence_length,
                      config_from_preset)
 from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead, one_hot_gather

@@ -11,10 +11,13 @@ INPUT_NAMES = ("token_ids", "segment_ids", "padding_mask")
 PAD_ID = 0  # the data layer's padding id; every other id is a real position
 
 
-def single_segment_inputs(token_ids) -> dict:
-    """The backbone's input dict for id rows [B,T] of one segment (a tensor or an array)."""
+def backbone_features(token_ids, segment_ids=None) -> dict:
+    """The backbone's input dict for id rows [B,T] (tensors or arrays): the segment ids of a
+    sentence pair, or all 0 for one segment; the padding mask from the [PAD] ids."""
     token_ids = tf.convert_to_tensor(token_ids, tf.int32)
-    return {"token_ids": token_ids, "segment_ids": tf.zeros_like(token_ids),
+    segment_ids = (tf.zeros_like(token_ids) if segment_ids is None
+                   else tf.convert_to_tensor(segment_ids, tf.int32))
+    return {"token_ids": token_ids, "segment_ids": segment_ids,
             "padding_mask": tf.cast(token_ids != PAD_ID, tf.int32)}
 
 
@@ -40,9 +43,11 @@ def pad_to_multiple(token_ids: tf.Tensor) -> tf.Tensor:
     return tf.pad(token_ids, [[0, 0], [0, _round_up(width) - width]])
 
 
-def backbone_inputs() -> dict[str, keras.KerasTensor]:
-    """int32 [B,T] inputs of any length T: ids, segment ids, and 1 for real tokens / 0 for padding."""
-    return {name: keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
+def backbone_inputs(*extra_names: str) -> dict[str, keras.KerasTensor]:
+    """int32 [B,T] inputs of any length T: ids, segment ids, and 1 for real tokens / 0 for
+    padding; plus an int32 [B,N] input for each of `extra_names` (a task's own inputs)."""
+    return {name: keras.Input(shape=(None,), dtype="int32", name=name)
+            for name in (*INPUT_NAMES, *extra_names)}
 
 
 def build_backbone(config: ModelConfig) -> keras.Model:

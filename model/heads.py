@@ -26,6 +26,10 @@ class MaskedLMHead(keras.layers.Layer):
     them against the token-embedding matrix it shares with the backbone, plus a bias. No dropout
     on the logits (the original's mistake).
     Call: `(sequence_output [B,T,d], masked_positions [B,P])` -> logits `[B,P,vocab_size]`.
+
+    A tie is a shared object, which a config cannot hold: `from_config` of the config alone gives
+    a head that owns a new embedding layer. To re-tie a head, pass the backbone's layer as the
+    config's `token_embedding`; `PretrainingModel.from_config` re-ties by rebuilding its head.
     """
 
     def __init__(self, token_embedding: keras.layers.Embedding, initializer_range: float = 0.02,
@@ -41,6 +45,8 @@ class MaskedLMHead(keras.layers.Layer):
         self.layer_norm = keras.layers.LayerNormalization(epsilon=1e-12, name="layer_norm")
 
     def build(self, sequence_output_shape, masked_positions_shape=None):
+        if not self.token_embedding.built:  # a head used without its backbone
+            self.token_embedding.build()
         self.transform.build((None, None, self.d_model))
         self.layer_norm.build((None, None, self.d_model))
         self.bias = self.add_weight(name="output_bias", shape=(self.vocab_size,),
@@ -62,7 +68,8 @@ class MaskedLMHead(keras.layers.Layer):
     @classmethod
     def from_config(cls, config: dict) -> "MaskedLMHead":
         config = dict(config)
-        config["token_embedding"] = keras.layers.deserialize(config["token_embedding"])
+        if isinstance(config["token_embedding"], dict):
+            config["token_embedding"] = keras.layers.deserialize(config["token_embedding"])
         return cls(**config)
 
 

@@ -1,26 +1,44 @@
 """Task models = backbone + head(s), with their losses and metrics."""
 from __future__ import annotations
 
-import warnings
-
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from .backbone import INPUT_NAMES, PAD_ID, get_token_embedding, single_segment_inputs, trim_padding
+from .backbone import (INPUT_NAMES, PAD_ID, backbone_features, backbone_inputs,
+                       get_token_embedding, trim_padding)
 from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead
 from .layers import PACKAGE
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class PretrainingModel(keras.Model):
-    """The functional pretraining model; it logs `mlm_loss` even when that is its only loss.
+    """Backbone inputs + `masked_positions` [B,P] -> `{"mlm": logits [B,P,V]}` (+ `"nsp"` [B,2]).
 
-    Keras names per-output losses only when a model has several, so without NSP the masked-LM
-    loss would appear as plain `loss`; a second metric computing it again would double the cost
-    of the softmax over the vocabulary, the step's largest single operation.
+    A functional model around `backbone`: a masked-LM head scoring with the backbone's own token
+    embedding (tied weights), and a next-sentence head on the pooled output when `use_nsp`. Its
+    config is the backbone's config and `use_nsp`, so a re-created model (`from_config`,
+    `keras.saving.load_model`) builds its head around its new backbone's embedding again.
+
+    It logs `mlm_loss` even when that is its only loss. Keras names per-output losses only when a
+    model has several, so without NSP the masked-LM loss would appear as plain `loss`; a second
+    metric computing it again would double the cost of the softmax over the vocabulary, the
+    step's largest single operation.
     """
+
+    def __init__(self, backbone: keras.Model, use_nsp: bool = False, **kwargs):
+        inputs = backbone_inputs("masked_positions")
+        outputs = backbone({name: inputs[name] for name in INPUT_NAMES})
+        embeddings = backbone.get_layer("embeddings")
+        head = MaskedLMHead(get_token_embedding(backbone), embeddings.initializer_range,
+                            name="mlm_head")
+        results = {"mlm": head(outputs["sequence_output"], inputs["masked_positions"])}
+        if use_nsp:
+            results["nsp"] = NextSentenceHead(embeddings.d_model, name="nsp_head")(
+                outputs["pooled_output"])
+        super().__init__(inputs, results, **kwargs)
+        self.backbone, self.use_nsp = backbone, use_nsp
 
     def get_metrics_result(self) -> dict:
         result = super().get_metrics_result()
@@ -28,24 +46,26 @@ class PretrainingModel(keras.Model):
             result["mlm_loss"] = result["loss"]
         return result
 
+    def get_config(self) -> dict:
+        return {"name": self.name, "trainable": self.trainable,
+                "backbone": keras.layers.serialize(self.backbone), "use_nsp": self.use_nsp}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "PretrainingModel":
+        config = dict(config)
+        if isinstance(config["backbone"], dict):
+            config["backbone"] = keras.layers.deserialize(config["backbone"])
+        return cls(**config)
+
 
 def build_pretraining_model(backbone: keras.Model, use_nsp: bool = False) -> keras.Model:
-    """Backbone inputs + `masked_positions` [B,P] -> `{"mlm": logits [B,P,V]}` (+ `"nsp"` [B,2])."""
-    inputs = {name: keras.Input(shape=(None,), dtype="int32", name=name)
-              for name in (*INPUT_NAMES, "masked_positions")}
-    outputs = backbone({name: inputs[name] for name in INPUT_NAMES})
-    head = MaskedLMHead(get_token_embedding(backbone),
-                        backbone.get_layer("embeddings").initializer_range, name="mlm_head")
-    results = {"mlm": head(outputs["sequence_output"], inputs["masked_positions"])}
-    if use_nsp:
-        d_model = backbone.get_layer("embeddings").d_model
-        results["nsp"] = NextSentenceHead(d_model, name="nsp_head")(outputs["pooled_output"])
-    return PretrainingModel(inputs, results, name="pretraining_model")
+    """The PretrainingModel around `backbone`, named as its weight files expect."""
+    return PretrainingModel(backbone, use_nsp, name="pretraining_model")
 
 
 def build_classifier(backbone: keras.Model, num_labels: int, dropout: float) -> keras.Model:
     """Backbone inputs -> one logit per label [B, num_labels] (sigmoid for probabilities)."""
-    inputs = {name: keras.Input(shape=(None,), dtype="int32", name=name) for name in INPUT_NAMES}
+    inputs = backbone_inputs()
     pooled = backbone(inputs)["pooled_output"]
     embeddings = backbone.get_layer("embeddings")
     logits = MultiLabelHead(embeddings.d_model, num_labels, dropout, embeddings.initializer_range,
@@ -64,7 +84,7 @@ def predict_logits(classifier: keras.Model, token_ids: np.ndarray, batch_size: i
         return np.zeros((0, classifier.output_shape[-1]), np.float32)
     order = np.argsort(np.sum(token_ids != PAD_ID, axis=1), kind="stable")
     batches = (tf.data.Dataset.from_tensor_slices(token_ids[order]).batch(batch_size)
-               .map(lambda ids: single_segment_inputs(trim_padding(ids)))
+               .map(lambda ids: backbone_features(trim_padding(ids)))
                .prefetch(tf.data.AUTOTUNE))
     logits = np.empty((len(token_ids), classifier.output_shape[-1]), np.float32)
     logits[order] = classifier.predict(batches, verbose=0)
@@ -125,14 +145,15 @@ class MaskedLMAccuracy(keras.metrics.Metric):
 
 def compile_pretraining_model(model: keras.Model, optimizer, use_nsp: bool = False,
                               jit_compile: bool = False) -> None:
-    """Logs mlm_loss, mlm_accuracy (+ nsp_loss, nsp_accuracy), and val_ versions of each."""
+    """Logs mlm_loss, mlm_accuracy (+ nsp_loss, nsp_accuracy), and val_ versions of each.
+
+    Without NSP the pooler gets no gradient (fine-tuning trains it), so Keras warns "Gradients do
+    not exist for variables ... pooler" when a Transformer's pooler has weights; a script may
+    silence that, the library leaves the process's warning filters alone.
+    """
     loss = {"mlm": masked_lm_loss}
     # Keras prefixes metric names with the output name only when there are several outputs.
-    metrics = {"mlm": [MaskedLMAccuracy(name="accuracy")]}
-    if not use_nsp:
-        metrics["mlm"] = [MaskedLMAccuracy(name="mlm_accuracy")]
-        # Without NSP the pooler gets no gradient; it is trained later, by fine-tuning.
-        warnings.filterwarnings("ignore", message="Gradients do not exist for variables .*pooler")
+    metrics = {"mlm": [MaskedLMAccuracy(name="accuracy" if use_nsp else "mlm_accuracy")]}
     if use_nsp:
         loss["nsp"] = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         metrics["nsp"] = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]

@@ -1,5 +1,7 @@
 """data_util_hdf5 on real files with real jieba and h5py: parsing, vocabulary, caches, failures."""
+import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +86,7 @@ def test_pool_yields_the_same_tokens_in_file_order(tmp_path):
     assert inline[5][1] == data_util.tokenize(lines[5], "word")
 
 
+@pytest.mark.slow
 def test_rjieba_backend_matches_jieba_on_the_sample_corpora():
     pytest.importorskip("rjieba")
     from data.prepare import read_entities, read_reviews
@@ -237,6 +240,113 @@ def test_broken_cache_files_are_not_trusted(tmp_path, capsys):
     assert os.listdir(tmp_path) == []  # no temporary left behind
 
 
+# ----------------------------------------------------------------------------- atomic writes
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def write_either(path: str, failure: BaseException | None = None) -> None:
+    """An HDF5 cache (path ending in .h5) or a text file, raising `failure` half-way through."""
+    def fail() -> None:
+        if failure is not None:
+            raise failure
+
+    def fill_cache(h5: h5py.File) -> None:
+        h5.create_dataset("x", data=[1])
+        fail()
+
+    def fill_text(temporary: str) -> None:
+        data_util.write_utf8(temporary, "half")
+        fail()
+
+    if path.endswith(".h5"):
+        data_util.write_hdf5_atomically(path, fill_cache, "f")
+    else:
+        data_util.write_file_atomically(path, fill_text)
+
+
+BOTH = pytest.mark.parametrize("name", ["cache.h5", "vocab.txt"])
+
+
+@BOTH
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, name):
+    path = str(tmp_path / name)
+    write_either(path)
+    before = open(path, "rb").read()
+    with pytest.raises(KeyboardInterrupt):
+        write_either(path, KeyboardInterrupt())
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == [name]
+
+
+@BOTH
+def test_a_dead_writers_leftover_is_swept_and_a_live_ones_kept(tmp_path, name):
+    dead = tmp_path / f".tmp-{dead_pid()}-{name}"
+    alive = tmp_path / f".tmp-1-{name}"  # PID 1 lives as long as the machine
+    dead.write_bytes(b"half")
+    alive.write_bytes(b"being written")
+    write_either(str(tmp_path / name))
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, name])
+
+
+@BOTH
+@pytest.mark.parametrize("failure, error, says", [
+    (OSError(errno.ENOSPC, "No space left on device"), data_util.DiskFullError,
+     "no space left on the device; free disk space, then rerun the same command"),
+    (PermissionError(errno.EACCES, "Permission denied"), data_util.DataError,
+     r"cannot write \(Permission denied\); fix the permissions, then rerun the same command"),
+])
+def test_a_full_disk_or_a_refused_write_is_one_line_naming_the_file(tmp_path, name, failure,
+                                                                     error, says):
+    path = str(tmp_path / name)
+    with pytest.raises(error, match=f"^{re.escape(path)}: {says}") as raised:
+        write_either(path, failure)
+    assert ".tmp-" not in str(raised.value) and "\n" not in str(raised.value)
+    assert ("--cache_dir" in str(raised.value)) == name.endswith(".h5")
+    assert os.listdir(tmp_path) == []
+
+
+@BOTH
+def test_other_write_errors_pass_through_whole(tmp_path, name):
+    failure = OSError(errno.ENOMEM, "Cannot allocate memory")  # not the file's fault
+    with pytest.raises(OSError) as raised:
+        write_either(str(tmp_path / name), failure)
+    assert raised.value is failure and os.listdir(tmp_path) == []
+
+
+def test_the_free_space_check_names_the_file_not_its_temporary(tmp_path):
+    path = str(tmp_path / "tokens.h5")
+    with pytest.raises(data_util.DiskFullError, match=f"^{re.escape(path)}: not enough disk"):
+        data_util.ensure_free_space(data_util.temporary_name(path), 1 << 60)
+
+
+class Unraisable:
+    """Raises from __del__, as HDF5 objects freed after a failed write do."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __del__(self):
+        raise RuntimeError(self.message)
+
+
+def test_hdf5_echoes_of_a_failed_write_stay_quiet(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(
+        str(unraisable.exc_value)))
+
+    def echo_then_fail(h5: h5py.File) -> None:
+        Unraisable("Can't write data (file write failed: errno = 28)")
+        Unraisable("something else")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(data_util.DiskFullError):
+        data_util.write_hdf5_atomically(str(tmp_path / "c.h5"), echo_then_fail, "f")
+    assert seen == ["something else"]
+
+
 KILLED_BUILD = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -248,6 +358,7 @@ data_util.load_or_build_classification_cache(files, vocab, ["l0", "l1", "l2"], 3
 """
 
 
+@pytest.mark.slow
 def test_build_killed_mid_write_is_rebuilt(tmp_path, capsys):
     train = tmp_path / "train.txt"
     with open(train, "w", encoding="utf-8") as f:
@@ -263,12 +374,12 @@ def test_build_killed_mid_write_is_rebuilt(tmp_path, capsys):
     deadline = time.monotonic() + 60
     while temporary is None and time.monotonic() < deadline and child.poll() is None:
         names = os.listdir(cache_dir) if cache_dir.exists() else []
-        temporary = next((n for n in names if n.endswith(f".{child.pid}.tmp")), None)
+        temporary = next((n for n in names if n.startswith(f".tmp-{child.pid}-")), None)
         time.sleep(0.005)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert temporary is not None, "the child never started writing"
-    assert [n for n in os.listdir(cache_dir) if n.endswith(".h5")] == []  # nothing trusted
+    assert os.listdir(cache_dir) == [temporary]  # nothing a later run would trust
     path = data_util.load_or_build_classification_cache({"train": str(train)}, vocab, ["l0", "l1", "l2"],
                                                  32, "space", str(cache_dir), process_num=1)
     assert "Built classification cache" in capsys.readouterr().out
@@ -293,7 +404,7 @@ def test_encode_example_truncates_and_pads():
     assert data_util.encode_example(["b", "zz"], vocab, 5) == [data_util.CLS_ID, 6, data_util.UNK_ID, data_util.PAD_ID,
                                                          data_util.PAD_ID]
     with pytest.raises(data_util.DataError, match="--sequence_length=1"):
-        data_util.check_sequence_length(1)
+        data_util.check_minimum_sequence_length(1)
 
 
 def test_vocabulary_cache_is_reused_until_an_input_changes(tmp_path, capsys):
@@ -318,3 +429,22 @@ def test_raw_text_with_space_style_gets_a_warning(tmp_path, capsys):
     assert f"{raw}: 2 of the first 2 lines hold no spaces" in capsys.readouterr().err
     assert not data_util.warn_if_unsegmented(raw, "word")
     assert not data_util.warn_if_unsegmented(segmented, "space", labelled=True)
+
+
+def test_copy_first_lines_copies_the_first_lines(tmp_path):
+    source = tmp_path / "a.txt"
+    source.write_text("1\n2\n3\n", encoding="utf-8")
+    target = data_util.copy_first_lines(str(source), 2, str(tmp_path / "sub" / "b.txt"))
+    assert open(target, encoding="utf-8").read() == "1\n2\n"
+
+
+def test_copy_first_lines_keeps_the_encoding_and_names_a_bad_line(tmp_path):
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes("北京 __label__a\n上海 __label__b\n广州 __label__c\n".encode("gb18030"))
+    target = data_util.copy_first_lines(str(gbk), 2, str(tmp_path / "head.txt"), "gb18030")
+    assert [t for _, t in data_util.read_lines(target, "gb18030")] == ["北京 __label__a",
+                                                                        "上海 __label__b"]
+    with pytest.raises(data_util.DataError,
+                       match=r"gbk.txt:1: cannot decode as utf-8.*--encoding gb18030"):
+        data_util.copy_first_lines(str(gbk), 2, str(tmp_path / "head2.txt"))
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]

@@ -1,6 +1,7 @@
 """model/: both backbones learn (the toy task, masked LM), behave (padding, gather, shapes) and
 save/load strictly. Tiny configs: d_model 32, 2 layers."""
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -33,6 +34,7 @@ def random_ids(rows: int, length: int, vocab_size: int = 50, seed: int = 0) -> n
 
 
 # ------------------------------------------------------------------------- learning
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_toy_task_is_learnt_by_both_backbones(backbone):
     """The original's convergence check, which its Transformer failed: >= 95% held out."""
@@ -47,6 +49,9 @@ def test_toy_task_is_learnt_by_both_backbones(backbone):
     assert np.mean((logits[:, 0] > 0) == (test_y[:, 0] > 0.5)) >= 0.95
 
 
+# without NSP the pooler gets no gradient, which Keras rightly points out
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Gradients do not exist for variables .*pooler")
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_masked_lm_loss_falls_below_a_tenth_of_its_start(backbone):
     keras.utils.set_random_seed(2)
@@ -149,21 +154,117 @@ def test_masked_lm_head_is_tied_to_the_token_embedding():
     embedding_ids = {id(v) for v in model.get_token_embedding(net).weights}
     assert embedding_ids <= {id(v) for v in pretrainer.weights}
     assert len(pretrainer.weights) == len(net.weights) + 5  # transform kernel/bias, norm x2, bias
+    config = {**head.get_config(), "token_embedding": model.get_token_embedding(net)}
+    assert model.MaskedLMHead.from_config(config).token_embedding is model.get_token_embedding(net)
 
 
-@pytest.mark.parametrize("layer", [
-    model.Embeddings(50, 32, 64, 2, 0.1, 0.02, name="embeddings"),
-    model.TransformerBlock(32, 4, 8, 8, 64, 0.1, 0.02, name="transformer_layer_0"),
-    model.SelfAttention(32, 4, 8, 8, 0.1, 0.02, name="self_attention"),
-    model.TextCNNEncoder(32, (2, 3), 16, 0.1, 0.02, name="textcnn"),
-    model.Pooler(32, "max_mean", False, 0.02, name="pooler"),
-    model.NextSentenceHead(32, name="nsp_head"),
-    model.MultiLabelHead(32, 5, 0.1, name="classifier_head"),
-    model.MaskedLMHead(keras.layers.Embedding(50, 32, name="token_embedding"), name="mlm_head"),
-])
-def test_every_layer_round_trips_its_config(layer):
+def re_create(pretrainer: keras.Model, route: str, directory) -> keras.Model:
+    if route == "config":
+        return type(pretrainer).from_config(pretrainer.get_config())
+    pretrainer.save(directory / "pretrainer.keras")
+    return keras.saving.load_model(directory / "pretrainer.keras")
+
+
+@pytest.mark.parametrize("route", ["config", "keras_file"])
+def test_a_re_created_pretraining_model_scores_with_its_own_token_embedding(route, tmp_path):
+    """The head of a re-created model follows its backbone's embedding, not a copy of it."""
+    pretrainer = model.build_pretraining_model(model.build_backbone(tiny_config("transformer")),
+                                               use_nsp=True)
+    again = re_create(pretrainer, route, tmp_path)
+    head = again.get_layer("mlm_head")
+    embedding = model.get_token_embedding(again.get_layer("backbone"))
+    assert head.token_embedding is embedding
+    assert len(again.weights) == len(pretrainer.weights)
+    x = {**inputs_for(random_ids(2, 6)), "masked_positions": np.array([[1, 3]] * 2, np.int32)}
+    again.set_weights(pretrainer.get_weights())
+    for key in ("mlm", "nsp"):
+        np.testing.assert_array_equal(again(x)[key].numpy(), pretrainer(x)[key].numpy())
+    # scored through the head alone, so only the output side of the tie can change the logits
+    sequence = np.random.default_rng(0).normal(size=(2, 6, 32)).astype(np.float32)
+    before = head(sequence, x["masked_positions"]).numpy()
+    embedding.embeddings.assign(np.random.default_rng(1).normal(size=(50, 32)))
+    assert not np.allclose(head(sequence, x["masked_positions"]).numpy(), before)
+
+
+def test_compiling_the_pretraining_model_leaves_warning_filters_alone():
+    pretrainer = model.build_pretraining_model(model.build_backbone(tiny_config("transformer")))
+    before = list(warnings.filters)
+    model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(1e-3))
+    assert warnings.filters == before
+
+
+@pytest.mark.parametrize("use_nsp", [False, True])
+def test_compiling_the_pretraining_model_creates_its_metric_once(use_nsp, monkeypatch):
+    """The masked-LM accuracy is constructed once, and that one object is what training updates."""
+    created = []
+
+    class RecordedAccuracy(model.MaskedLMAccuracy):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(model.tasks, "MaskedLMAccuracy", RecordedAccuracy)
+    pretrainer = model.build_pretraining_model(model.build_backbone(tiny_config("textcnn")),
+                                               use_nsp)
+    model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(1e-3), use_nsp)
+    ids = random_ids(2, 6)
+    x = {**inputs_for(ids), "masked_positions": np.array([[1, 2]] * 2, np.int32)}
+    y = {"mlm": ids[:, 1:3], **({"nsp": np.array([0, 1], np.int32)} if use_nsp else {})}
+    logs = pretrainer.train_on_batch(x, y, return_dict=True)
+    assert len(created) == 1 and float(created[0].total) == 4.0
+    assert logs["mlm_accuracy"] == float(created[0].result())
+
+
+def _sequence(length: int = 6) -> np.ndarray:
+    return np.random.default_rng(11).normal(size=(2, length, 32)).astype(np.float32)
+
+
+def _padding(length: int = 6) -> np.ndarray:
+    mask = np.ones((2, length), np.int32)
+    mask[1, 4:] = 0
+    return mask
+
+
+def _built_embedding() -> keras.layers.Embedding:
+    embedding = keras.layers.Embedding(50, 32, name="token_embedding")
+    embedding.build()
+    return embedding
+
+
+# each custom layer, made afresh for every run, with a fixed input to call it on
+LAYER_CASES = {
+    "embeddings": (lambda: model.Embeddings(50, 32, 64, 2, 0.1, 0.02, name="embeddings"),
+                   lambda: (random_ids(2, 6), np.array([[0, 0, 0, 1, 1, 1]] * 2, np.int32))),
+    "self_attention": (lambda: model.SelfAttention(32, 4, 8, 8, 0.1, 0.02, name="self_attention"),
+                       lambda: (_sequence(), _padding())),
+    "transformer_layer": (lambda: model.TransformerBlock(32, 4, 8, 8, 64, 0.1, 0.02,
+                                                         name="transformer_layer_0"),
+                          lambda: (_sequence(), _padding())),
+    "textcnn": (lambda: model.TextCNNEncoder(32, (2, 3), 16, 0.1, 0.02, name="textcnn"),
+                lambda: (_sequence(), _padding())),
+    "pooler_max_mean": (lambda: model.Pooler(32, "max_mean", False, 0.02, name="pooler"),
+                        lambda: (_sequence(), _padding())),
+    "pooler_cls_tanh": (lambda: model.Pooler(32, "cls", True, 0.02, name="pooler"),
+                        lambda: (_sequence(), _padding())),
+    "nsp_head": (lambda: model.NextSentenceHead(32, name="nsp_head"),
+                 lambda: (_sequence()[:, 0],)),
+    "classifier_head": (lambda: model.MultiLabelHead(32, 5, 0.1, name="classifier_head"),
+                        lambda: (_sequence()[:, 0],)),
+    "mlm_head": (lambda: model.MaskedLMHead(_built_embedding(), name="mlm_head"),
+                 lambda: (_sequence(), np.array([[1, 4], [0, 3]], np.int32))),
+}
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_every_layer_re_created_from_its_config_computes_the_same(case):
+    make_layer, make_inputs = LAYER_CASES[case]
+    layer, inputs = make_layer(), make_inputs()
+    expected = keras.ops.convert_to_numpy(layer(*inputs))
     config = layer.get_config()
     again = type(layer).from_config(config)
+    again(*inputs)  # builds it
+    again.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(*inputs)), expected)
     assert json.dumps(again.get_config(), sort_keys=True, default=str) == json.dumps(
         config, sort_keys=True, default=str)
 
@@ -228,6 +329,7 @@ def test_loading_fails_loudly_on_any_mismatch(tmp_path):
 
 
 # ----------------------------------------------------------------------------- XLA
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_trains_a_step_with_and_without_xla(backbone):
     ids = random_ids(4, 8)
@@ -252,7 +354,7 @@ def test_training_batches_group_lengths_and_cover_every_example_once():
     data = classifier_task.ClassificationData(None, ["a", "b", "c"], "space", {"train": (ids, gold)},
                                  batch_size=8)
     seen, padded_widths = [], []
-    batches = list(data.dataset("train", shuffle=True, seed=1))
+    batches = list(data.training_dataset(seed=1))
     assert len(batches) == data.steps_per_epoch() <= 300 // 8 + 8
     for features, labels in batches:
         mask = features["padding_mask"].numpy()

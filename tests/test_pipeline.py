@@ -1,5 +1,6 @@
-"""The user's journey end to end, as subprocesses in test mode on the real sample data:
-pretrain -> fine-tune from that directory -> predict; from scratch; resume after a kill."""
+"""The user's journey end to end, as subprocesses in test mode on the real sample data (built once
+for the session in a temporary directory, conftest.sample_data): pretrain -> fine-tune from that
+directory -> predict; from scratch; resume after a kill. The slow tier."""
 import json
 import os
 import signal
@@ -10,7 +11,11 @@ import time
 import numpy as np
 import pytest
 
+import data_util_hdf5 as data_util
+import model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
 
 
 def run(script: str, *flags: str, stdin: str | None = None, check: bool = True):
@@ -29,18 +34,40 @@ def summary(output: str, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def data_flag(sample_data) -> str:
+    return f"--data_path={sample_data}"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, data_flag):
     run_dir = str(tmp_path_factory.mktemp("lm"))
-    result = run("train_bert_lm.py", "--test_mode=True", f"--ckpt_dir={run_dir}")
+    result = run("train_bert_lm.py", "--test_mode=True", data_flag, f"--ckpt_dir={run_dir}")
     return run_dir, summary(result.stdout, "pretrain")
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(pretrained, tmp_path_factory):
+def fine_tuned(pretrained, tmp_path_factory, data_flag):
     run_dir = str(tmp_path_factory.mktemp("ft"))
-    result = run("train_bert_fine_tuning.py", "--test_mode=True", f"--pretrained_dir={pretrained[0]}",
-                 f"--ckpt_dir_save={run_dir}")
+    result = run("train_bert_fine_tuning.py", "--test_mode=True", data_flag,
+                 f"--pretrained_dir={pretrained[0]}", f"--ckpt_dir_save={run_dir}")
     return run_dir, summary(result.stdout, "fine_tune")
+
+
+def best_constant_f1(run_dir: str) -> float:
+    """F1 on the run's test slice of the label priors alone (the same probabilities for every
+    document), with thresholds tuned on that test slice itself: the best an untrained head at
+    its starting point can do, and a generous bar."""
+    labels = open(os.path.join(run_dir, "labels.txt"), encoding="utf-8").read().split()
+    index = {label: i for i, label in enumerate(labels)}
+
+    def multi_hot(path: str) -> np.ndarray:
+        rows = [data_util.parse_label_line(line)[1] for _, line in data_util.read_lines(path)]
+        return np.array([[int(label in row) for label in index] for row in rows])
+
+    train, test = (multi_hot(os.path.join(run_dir, "test_data", f"{split}.txt"))
+                   for split in ("train", "test"))
+    priors = np.tile(train.mean(axis=0), (len(test), 1))
+    return model.f1_scores(test, priors, model.tune_thresholds(test, priors))["f1"]
 
 
 def test_pretraining_writes_a_usable_run_directory(pretrained):
@@ -57,6 +84,8 @@ def test_fine_tuning_reports_sane_scores_and_files(fine_tuned):
     run_dir, values = fine_tuned
     for key in ("test_micro_f1", "test_macro_f1", "test_f1", "best_valid_f1"):
         assert 0.0 <= float(values[key]) <= 1.0, key
+    # two test-mode epochs learn something from the text: more than the priors can give
+    assert float(values["test_f1"]) > best_constant_f1(run_dir) + 0.05
     report = json.load(open(os.path.join(run_dir, "test_report.json"), encoding="utf-8"))
     labels = open(os.path.join(run_dir, "labels.txt"), encoding="utf-8").read().split()
     assert [r["label"] for r in report["per_label"]] == labels
@@ -77,7 +106,6 @@ def backbone_weights(backbone) -> list[np.ndarray]:
 
 def test_fine_tuning_starts_from_the_pretrained_backbone(pretrained, fine_tuned):
     import predict
-    import model
 
     saved, config = model.load_backbone(os.path.join(pretrained[0], "config.json"),
                                         os.path.join(pretrained[0], "backbone.weights.h5"))
@@ -92,7 +120,7 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(pretrained, fine_tuned)
             assert np.abs(after - before).mean() < 0.5 * np.abs(random - before).mean()
 
 
-def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path):
+def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path, sample_data):
     run_dir, _ = fine_tuned
     text = "中国 政府 今天 在 北京 宣布 一 项 新 政策\n1998年 1月 人民 生活\n"
     result = run("predict.py", f"--ckpt_dir={run_dir}", "--min_prob=0.0", stdin=text)
@@ -103,12 +131,11 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path):
         assert row["labels"] and set(row["labels"]) <= set(labels)
         assert set(row["probabilities"]) == set(labels)
         assert all(0.0 <= p <= 1.0 for p in row["probabilities"].values())
-    valid_file = os.path.join(ROOT, "data", "entities", "valid.txt")
+    valid_file = os.path.join(sample_data, "entities", "valid.txt")
     from_file = run("predict.py", f"--ckpt_dir={run_dir}", "--test_mode=True",
                     f"--input_file={valid_file}")
     assert len(from_file.stdout.splitlines()) == 100
     # the run's tuned thresholds decide, unless --decision_rule=half asks for p >= 0.5
-    import model
     import predict
     predictor = predict.Predictor(run_dir)
     texts = [line for _, line in zip(range(100), open(valid_file, encoding="utf-8"))]
@@ -141,12 +168,13 @@ def test_toy_task_summary():
     assert float(summary(toy.stdout, "toy_task")["accuracy"]) >= 0.9
 
 
-def test_many_labels_start_at_their_priors_and_a_stalled_run_stops(tmp_path):
+def test_many_labels_start_at_their_priors_and_a_stalled_run_stops(tmp_path, data_flag):
     """On the 200-label task a fresh head at p = 0.5 would cost ln 2 per label; at the priors
     the start is a fraction of that. A learning rate of 1e-12 (0 is refused) moves no float32
     weight enough to change validation F1, so patience 1 stops after the second epoch."""
     run_dir = tmp_path / "many"
-    result = run("train_transform.py", "--test_mode=True", "--task=mentions", "--num_epochs=6",
+    result = run("train_transform.py", "--test_mode=True", data_flag, "--task=mentions",
+                 "--num_epochs=6",
                  "--learning_rate=1e-12", "--early_stopping_patience=1", "--sequence_length=64",
                  f"--ckpt_dir_save={run_dir}")
     values = summary(result.stdout, "scratch")
@@ -182,9 +210,9 @@ def test_bad_flags_and_files_end_in_one_line(tmp_path):
     assert no_valid.stderr.strip().splitlines()[-1].startswith("error: --valid_data_file is needed")
 
 
-def test_a_killed_classifier_resumes_and_other_data_is_refused(tmp_path):
+def test_a_killed_classifier_resumes_and_other_data_is_refused(tmp_path, data_flag):
     run_dir = str(tmp_path / "s")
-    flags = ["--test_mode=True", f"--ckpt_dir_save={run_dir}", "--num_epochs=2",
+    flags = ["--test_mode=True", data_flag, f"--ckpt_dir_save={run_dir}", "--num_epochs=2",
              "--early_stopping_patience=0", "--task=sentiment"]
     # between the backup's weights and its state file
     kill_when_written([sys.executable, os.path.join(ROOT, "train_transform.py"), *flags],
@@ -198,11 +226,12 @@ def test_a_killed_classifier_resumes_and_other_data_is_refused(tmp_path):
     assert 0.0 < float(summary(result.stdout, "scratch")["test_f1"]) <= 1.0
 
 
-def test_hostile_input_ends_in_one_line(pretrained, fine_tuned, tmp_path):
+def test_hostile_input_ends_in_one_line(pretrained, fine_tuned, tmp_path, sample_data):
     """The fast half of benchmarks/bench_robustness.py: each case exits 2 with one line (the
     cases of one script share a process here; the benchmark gives each its own)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench_robustness as br
+    br.DATA_PATH = sample_data
     cases = [case for case in br.catalogue({"lm": pretrained[0], "ft": fine_tuned[0]})
              if not case.trains]
     try:
@@ -213,7 +242,7 @@ def test_hostile_input_ends_in_one_line(pretrained, fine_tuned, tmp_path):
     assert [r for r in results if not r["clean"]] == []
 
 
-def mirrored_pretraining(run_dir: str) -> list[str]:
+def mirrored_pretraining(run_dir: str, data_flag: str) -> list[str]:
     """The real script under MirroredStrategy with 2 replicas (2 logical CPUs, set up before
     TensorFlow starts, which is why it runs in a process of its own), for 2 epochs."""
     code = (
@@ -221,14 +250,14 @@ def mirrored_pretraining(run_dir: str) -> list[str]:
         "import tensorflow as tf; assert len(tf.config.list_logical_devices('CPU')) == 2\n"
         "from absl import app; import cli, train_bert_lm\n"
         f"sys.argv = ['train_bert_lm.py', '--test_mode=True', '--distribution_strategy=mirrored',"
-        f" '--num_epochs=2', '--ckpt_dir={run_dir}']\n"
+        f" '--num_epochs=2', '--ckpt_dir={run_dir}', '{data_flag}']\n"
         "app.run(cli.guard(train_bert_lm.main))\n")
     return [sys.executable, "-c", code]
 
 
-def test_a_killed_pretraining_under_mirrored_strategy_resumes(tmp_path):
+def test_a_killed_pretraining_under_mirrored_strategy_resumes(tmp_path, data_flag):
     run_dir = str(tmp_path / "lm")
-    command = mirrored_pretraining(run_dir)
+    command = mirrored_pretraining(run_dir, data_flag)
     kill_when_written(command, os.path.join(run_dir, "backup", "state.json"))
     # the killed run's lock is taken over, not obeyed
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)

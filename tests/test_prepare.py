@@ -13,6 +13,7 @@ import data_util_hdf5 as data_util
 from data import prepare
 
 SCRIPT = Path(prepare.__file__)
+pytestmark = pytest.mark.slow  # every test here reads a real build of the sample data
 
 
 def key(text: str) -> str:
@@ -23,29 +24,52 @@ def read_task(path: str) -> list[tuple[str, list[str]]]:
     return [data_util.parse_label_line(line) for _, line in data_util.read_lines(path)]
 
 
+# Builds the sample data from a one-line corpus (the write protocol is what is tried here) and
+# stops for good at the rename that would publish sentiment/valid.txt: sentiment/train.txt is
+# then in place and valid.txt's temporary complete beside it.
+STOPPED_BUILD = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from data import prepare
+splits = lambda seed: {split: [("好 东西", ["pos"])] for split in prepare.SPLITS}
+prepare._sentiment_splits = splits
+prepare._news_splits = lambda seed: {"entities": splits(seed), "mentions": splits(seed)}
+rename = os.replace
+def replace(source, target):
+    if target.endswith(os.path.join("sentiment", "valid.txt")):
+        time.sleep(600)
+    rename(source, target)
+os.replace = replace
+prepare.main(["--data_dir", sys.argv[2]])
+"""
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Kill a first build half-way (real SIGKILL), then let ensure_sample_data finish the job."""
+    """Kill a first build half-way through its writes (real SIGKILL), then let
+    ensure_sample_data finish the job."""
     data_dir = tmp_path_factory.mktemp("sample")
-    child = subprocess.Popen([sys.executable, str(SCRIPT), "--data_dir", str(data_dir)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (data_dir / f".building-{child.pid}").exists() and time.monotonic() < deadline:
+    child = subprocess.Popen([sys.executable, "-c", STOPPED_BUILD, str(SCRIPT.parent.parent),
+                              str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    leftover = data_dir / "sentiment" / f".tmp-{child.pid}-valid.txt"
+    deadline = time.monotonic() + 120
+    while not leftover.exists() and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.005)
-    time.sleep(0.3)  # inside the build, before its first file is renamed into place
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    after_kill = {"manifest": (data_dir / prepare.MANIFEST).exists(),
-                  "trusted": prepare._manifest_matches(data_dir, 42)}
+    after_kill = {"leftover": leftover.exists(), "manifest": (data_dir / prepare.MANIFEST).exists(),
+                  "trusted": prepare._manifest_matches(data_dir, 42),
+                  "published": (data_dir / "sentiment" / "train.txt").exists()}
     paths = prepare.ensure_sample_data(str(data_dir))
     return data_dir, paths, after_kill
 
 
 def test_killed_build_is_not_trusted_and_is_rebuilt(built):
     data_dir, paths, after_kill = built
-    assert after_kill == {"manifest": False, "trusted": False}
+    assert after_kill == {"leftover": True, "manifest": False, "trusted": False,
+                          "published": True}
     assert prepare._manifest_matches(data_dir, 42)
-    assert not list(data_dir.glob(".building-*"))  # the dead build's work dir was removed
+    assert not list(data_dir.rglob(".tmp-*"))  # the killed build's temporary was removed
     assert paths == prepare.sample_paths(str(data_dir))
 
 

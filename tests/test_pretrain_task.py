@@ -55,10 +55,54 @@ def test_nsp_true_pairs_follow_each_other():
             assert words in ([10, 11, 12, 13, 14, 15], [30, 31, 32, 33])
 
 
-def test_single_sentence_documents_still_give_true_pairs():
-    corpus = make_corpus([[[10, 11, 12, 13]], [[20, 21, 22, 23]]])
-    rows, _, labels = pretrain_task.make_nsp_pairs(corpus, sequence_length=9, seed=0)
-    assert len(rows) == 2
+def segment_words(row: np.ndarray, segment: np.ndarray, which: int) -> np.ndarray:
+    return row[(segment == which) & (row >= FIRST_WORD)]
+
+
+def test_single_sentence_documents_are_cut_in_half_into_true_pairs():
+    # length 11 leaves 4 ids a segment, so each 4-id sentence is one piece that must be halved
+    # (at length 9 the piece budget of 3 cuts the sentence and the halving never runs)
+    docs = [[[FIRST_WORD + 10 * d + i for i in range(4)]] for d in range(6)]
+    rows, segments, labels = pretrain_task.make_nsp_pairs(make_corpus(docs), sequence_length=11,
+                                                          seed=0)
+    assert len(rows) == len(docs)
+    for row, segment, label in zip(rows, segments, labels):
+        a, b = segment_words(row, segment, 0), segment_words(row, segment, 1)
+        sentence = docs[(a[0] - FIRST_WORD) // 10][0]
+        assert a.tolist() == sentence[:2]
+        assert label == (b.tolist() == sentence[2:])
+    assert labels.sum() >= 2
+
+
+def document_of_each_segment(rows: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """[N,2]: the document of segments A and B, for corpora whose document d is all id
+    FIRST_WORD + d."""
+    found = []
+    for row, segment in zip(rows, segments):
+        words = [np.unique(segment_words(row, segment, which)) for which in (0, 1)]
+        assert [len(w) for w in words] == [1, 1]
+        found.append([words[0][0] - FIRST_WORD, words[1][0] - FIRST_WORD])
+    return np.array(found)
+
+
+def test_nsp_random_segments_come_from_another_document():
+    # a long document beside two short ones: a piece drawn from the whole corpus is mostly its own
+    docs = [[[FIRST_WORD] * 3] * 60] + [[[FIRST_WORD + d] * 3] * 2 for d in (1, 2)]
+    rows, segments, labels = pretrain_task.make_nsp_pairs(make_corpus(docs), sequence_length=9,
+                                                          seed=0)
+    documents = document_of_each_segment(rows, segments)
+    negatives = documents[labels == 0]
+    assert len(negatives) >= 20
+    assert (negatives[:, 0] != negatives[:, 1]).all()
+    assert (documents[labels == 1, 0] == documents[labels == 1, 1]).all()
+
+
+@pytest.mark.parametrize("docs", [[[[FIRST_WORD] * 3] * 8], [[[FIRST_WORD] * 3] * 8, []]],
+                         ids=["one document", "the other one empty"])
+def test_nsp_without_another_document_gives_only_true_pairs(docs):
+    rows, segments, labels = pretrain_task.make_nsp_pairs(make_corpus(docs), sequence_length=9,
+                                                          seed=0)
+    assert len(rows) == 7 and labels.all()
 
 
 def test_masking_statistics_follow_bert():

@@ -1,6 +1,8 @@
 """The run directory's rules, on real directories, real processes and real Keras weights."""
+import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -123,6 +125,59 @@ def test_an_interrupted_write_keeps_the_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["thresholds.json"]
 
 
+def test_a_failed_write_names_the_artefact_and_says_a_rerun_resumes(tmp_path, monkeypatch):
+    run, _ = open_run(tmp_path / "r")
+    vocab = data_util.Vocabulary(data_util.SPECIAL_TOKENS + ["a"])
+
+    def refused(path, text):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data_util, "write_utf8", refused)
+        # vocab.save writes atomically too: the temporary's own temporary must not be named
+        vocab_file = re.escape(run.file(run_directory.VOCAB))
+        with pytest.raises(data_util.DataError, match=f"^{vocab_file}: cannot write "
+                           r"\(Permission denied\); fix the permissions"):
+            run.write(run_directory.VOCAB, vocab.save)
+
+    def full(temporary):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    history_file = re.escape(run.file(run_directory.HISTORY))
+    with pytest.raises(data_util.DiskFullError, match=f"^{history_file}: no space left on the "
+                       "device; .* rerun the same command to resume$"):
+        run.write(run_directory.HISTORY, full)
+    assert sorted(os.listdir(run.path)) == [run_directory.LOCK, run_directory.MANIFEST]
+    run.write(run_directory.VOCAB, vocab.save)
+    assert data_util.Vocabulary.load(run.verified(run_directory.VOCAB)).tokens == vocab.tokens
+    assert not [name for name in os.listdir(run.path) if name.startswith(".tmp-")]
+    run.release()
+
+
+def test_a_directory_is_swapped_in_whole(tmp_path):
+    export = str(tmp_path / "export")
+
+    def saved_model(version, then_fail=False):
+        def write(temporary):
+            os.makedirs(os.path.join(temporary, "variables"))
+            with open(os.path.join(temporary, "saved_model.pb"), "w") as f:
+                f.write(version)
+            if then_fail:
+                raise KeyboardInterrupt
+        return write
+
+    def version():
+        return open(os.path.join(export, "saved_model.pb")).read()
+
+    (tmp_path / f".tmp-{dead_pid()}-export").mkdir()  # a killed export's leftover
+    data_util.write_directory_atomically(export, saved_model("1"))
+    data_util.write_directory_atomically(export, saved_model("2"))
+    assert version() == "2" and os.listdir(tmp_path) == ["export"]
+    with pytest.raises(KeyboardInterrupt):
+        data_util.write_directory_atomically(export, saved_model("3", then_fail=True))
+    assert version() == "2" and os.listdir(tmp_path) == ["export"]
+
+
 def test_checksums_catch_an_edited_file(tmp_path):
     run, _ = open_run(tmp_path / "r")
     run.write_text(run_directory.VOCAB, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n北京\n上海\n")
@@ -159,8 +214,10 @@ def fit(net, run, epochs, patience=0, restored=None, initial_epoch=0):
     best = run_directory.BestEpoch(run, "loss", "min", lambda: run.save_weights(net, run_directory.CLASSIFIER_WEIGHTS),
                         patience, restored)
     x = np.random.default_rng(0).normal(size=(32, 3))
+    # Unshuffled: a reordered sum shifts the mean loss in its last bits, which a frozen model
+    # (learning rate 0) would otherwise count as an improvement.
     net.fit(x, x[:, :2] * 2, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
-            callbacks=[best, run_directory.EpochBackup(run, best)])
+            shuffle=False, callbacks=[best, run_directory.EpochBackup(run, best)])
 
 
 def test_the_backup_restores_weights_optimizer_and_best_epoch(tmp_path):

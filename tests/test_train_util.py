@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-import data_util_hdf5 as data_util
 import model
 import train_util
 
@@ -71,6 +70,7 @@ def test_schedule_keeps_the_originals_exponential_decay_on_request():
     assert float(schedule(300)) == pytest.approx(1.25e-4)
 
 
+@pytest.mark.slow
 def test_backbone_learns_at_its_scale_of_the_heads_rate():
     """Adam's first step moves every weight by about the learning rate, whatever its gradient,
     so a scaled variable must move `scale` times as far; scale 0 holds it still."""
@@ -102,19 +102,3 @@ def test_summary_line_is_grep_able(capsys):
     line = train_util.summary_line("fine_tune", test_f1=0.83456, epochs=2, ckpt_dir="runs/ft")
     assert line == "fine_tune test_f1=0.8346 epochs=2 ckpt_dir=runs/ft"
     assert capsys.readouterr().out.strip() == line
-
-
-def test_head_file_copies_the_first_lines(tmp_path):
-    source = tmp_path / "a.txt"
-    source.write_text("1\n2\n3\n", encoding="utf-8")
-    target = train_util.head_file(str(source), 2, str(tmp_path / "sub" / "b.txt"))
-    assert open(target, encoding="utf-8").read() == "1\n2\n"
-
-
-def test_head_file_keeps_the_encoding_and_names_a_bad_line(tmp_path):
-    gbk = tmp_path / "gbk.txt"
-    gbk.write_bytes("北京 __label__a\n上海 __label__b\n广州 __label__c\n".encode("gb18030"))
-    target = train_util.head_file(str(gbk), 2, str(tmp_path / "head.txt"), "gb18030")
-    assert [t for _, t in data_util.read_lines(target, "gb18030")] == ["北京 __label__a", "上海 __label__b"]
-    with pytest.raises(data_util.DataError, match=r"gbk.txt:1: cannot decode as utf-8.*--encoding gb18030"):
-        train_util.head_file(str(gbk), 2, str(tmp_path / "head2.txt"))

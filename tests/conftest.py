@@ -1,0 +1,46 @@
+"""What every test shares: the repository on the import path (so a plain `pytest` works from any
+directory), the two tiers, and the sample data built once per session in a temporary directory.
+
+Default tier (`python -m pytest -q tests`): layers, models, data code, one training step each;
+what a developer runs after every change. Slow tier (`--run_slow`): the scripts end to end in
+subprocesses, sample-data builds, kill-and-resume and multi-replica runs; CI runs both.
+"""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run_slow", action="store_true", default=False,
+                     help="also run the tests marked slow (the scripts end to end, sample-data "
+                          "builds, kills and resumes: several minutes on 2 cores)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a script-level, subprocess or data-build test; "
+                                       "runs only with --run_slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run_slow"):
+        return
+    skip = pytest.mark.skip(reason="slow tier: run with --run_slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> str:
+    """The sample data built once for the session under a temporary directory (never the repo's
+    data/), with its caches beside it; pass it to the scripts as --data_path."""
+    from data.prepare import ensure_sample_data
+
+    root = tmp_path_factory.mktemp("sample_data")
+    ensure_sample_data(str(root))
+    return str(root)
