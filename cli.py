@@ -71,6 +71,9 @@ import train_util  # noqa: E402
 from data.prepare import ensure_sample_data  # noqa: E402
 
 FLAGS = flags.FLAGS
+if _verbosity_asked(sys.argv) < 1:
+    # tf.distribute logs every collective it sets up at INFO: dozens of lines a worker
+    tf.get_logger().setLevel("WARNING")
 
 
 # --------------------------------------------------------------------------- shared flags
@@ -247,6 +250,26 @@ def start_run() -> tuple[train_util.Timer, tf.distribute.Strategy]:
     return timer, strategy
 
 
+def open_training_run(strategy: tf.distribute.Strategy, flag_name: str, kind: str,
+                      fingerprint: dict) -> run_directory.Run:
+    """The run directory named by --`flag_name`, locked and started or resumed by the chief;
+    under several workers, each other worker gets a scratch run (run_directory.open_for_worker)
+    so that exactly one set of artefacts exists."""
+    path = run_dir_flag(flag_name)
+    if not train_util.is_chief(strategy):
+        return run_directory.open_for_worker(path, kind, fingerprint, FLAGS.overwrite)
+    run, _ = run_directory.open_for_training(path, kind, fingerprint, FLAGS.overwrite,
+                                             f"--{flag_name}", test_run=FLAGS.test_mode)
+    return run
+
+
+def worker_cache_dir(run: run_directory.Run, strategy: tf.distribute.Strategy) -> str | None:
+    """None for the chief, which caches at --cache_dir (else beside the input file); a worker
+    that is not the chief caches in its scratch run instead (only the chief writes where the
+    user looks)."""
+    return None if train_util.is_chief(strategy) else run.file("cache")
+
+
 # ----------------------------------------------------------------------- classifier flags
 TEST_MODE_LINES = {"train": 2000, "valid": 400, "test": 400}
 
@@ -291,8 +314,9 @@ def validate_classifier_flags() -> None:
                         "at least 2 ([CLS] and one token)")])
 
 
-def classifier_settings() -> classifier_task.ClassifierSettings:
-    """The classifier flags as the plain settings classifier_task takes."""
+def classifier_settings(cache: str | None = None) -> classifier_task.ClassifierSettings:
+    """The classifier flags as the plain settings classifier_task takes (`cache`: the cache
+    directory, when it is not --cache_dir's)."""
     return classifier_task.ClassifierSettings(
         batch_size=FLAGS.batch_size, sequence_length=FLAGS.sequence_length,
         dropout=dropout_rate(), learning_rate=FLAGS.learning_rate,
@@ -300,7 +324,7 @@ def classifier_settings() -> classifier_task.ClassifierSettings:
         decay_rate=FLAGS.decay_rate, weight_decay=FLAGS.weight_decay,
         jit_compile=FLAGS.jit_compile, early_stopping_patience=FLAGS.early_stopping_patience,
         decision_rule=FLAGS.decision_rule, seed=FLAGS.seed, encoding=FLAGS.encoding,
-        cache_dir=FLAGS.cache_dir, process_num=FLAGS.process_num)
+        cache_dir=cache or FLAGS.cache_dir, process_num=FLAGS.process_num)
 
 
 def classifier_data_files() -> dict[str, str]:
@@ -323,13 +347,12 @@ def classifier_data_files() -> dict[str, str]:
     return files
 
 
-def open_classifier_run(files: dict[str, str],
+def open_classifier_run(strategy: tf.distribute.Strategy, files: dict[str, str],
                         **fingerprint_extra) -> tuple[run_directory.Run, dict[str, str]]:
     """Lock --ckpt_dir_save and start, resume or refuse (see run_directory). Returns the run and
     the files to read: in test mode a small slice of each, copied into the run directory."""
-    run, _ = run_directory.open_for_training(
-        run_dir_flag("ckpt_dir_save"), "classifier", run_fingerprint(files, **fingerprint_extra),
-        FLAGS.overwrite, "--ckpt_dir_save", test_run=FLAGS.test_mode)
+    run = open_training_run(strategy, "ckpt_dir_save", "classifier",
+                            run_fingerprint(files, **fingerprint_extra))
     if FLAGS.test_mode:
         files = {split: data_util.copy_first_lines(
                      path, TEST_MODE_LINES[split],

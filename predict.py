@@ -11,6 +11,10 @@ probability is at least --min_prob. Labels are chosen by the run's decision rule
 thresholds (thresholds.json, tuned on validation) when it has them, else the original's rule (every
 label with p >= 0.5); when no label passes, the one nearest its threshold. --decision_rule=half
 forces the original's rule.
+
+--export_dir writes a SavedModel (see serving.py) whose default signature takes text and applies
+the same tokenization, vocabulary and decision rule in the graph; a second signature,
+serve_token_ids, takes the token ids a client computed itself.
 """
 import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
 
@@ -25,6 +29,7 @@ from absl import app, flags
 import data_util_hdf5 as data_util
 import model
 import run_directory
+import serving
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt_dir", "runs/ft", "Run directory written by train_bert_fine_tuning.py "
@@ -38,8 +43,11 @@ flags.DEFINE_integer("batch_size", 256, "Documents scored per batch.")
 flags.DEFINE_boolean("test_mode", False, "Label only the first 100 documents, to try a run "
                      "directory quickly; --ckpt_dir then defaults to runs/test_ft, where "
                      "train_bert_fine_tuning.py --test_mode=True writes.")
-flags.DEFINE_string("export_dir", None, "Write a TensorFlow SavedModel here (endpoint 'serve': "
-                    "int32 token_ids [batch, length] -> probabilities [batch, labels]) and stop.")
+flags.DEFINE_string("export_dir", None, "Write a TensorFlow SavedModel here and stop: signature "
+                    "'serving_default' takes string text [batch] (tokenized in the graph as the "
+                    "run was trained; a 'word' run wants text segmented by jieba), "
+                    "'serve_token_ids' int32 token_ids [batch, length]; both return "
+                    "probabilities, label_ids (multi-hot, --decision_rule) and label names.")
 
 
 class Predictor:
@@ -81,9 +89,13 @@ class Predictor:
                                       "it again")
         return np.array([saved[label] for label in self.labels])
 
+    def decision_thresholds(self, rule: str = "run") -> np.ndarray | None:
+        """rule 'run': the run's thresholds (None if it has none); 'half': None (p >= 0.5)."""
+        return self.thresholds if rule == "run" else None
+
     def choose(self, probabilities: np.ndarray, rule: str = "run") -> np.ndarray:
         """Multi-hot [N, labels]: the run's decision rule, or p >= 0.5 with rule='half'."""
-        return model.predict_labels(probabilities, self.thresholds if rule == "run" else None)
+        return model.predict_labels(probabilities, self.decision_thresholds(rule))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         rows = [data_util.encode_example(
@@ -95,24 +107,11 @@ class Predictor:
     def probabilities(self, texts: list[str]) -> np.ndarray:
         return model.predict_probabilities(self.classifier, self.encode(texts), 64)
 
-    def export(self, export_dir: str) -> None:
-        export_classifier(self.classifier, export_dir)
-
-
-def export_classifier(classifier, export_dir: str) -> None:
-    """A SavedModel with endpoint `serve`: int32 token_ids [batch, length] -> probabilities."""
-    import keras
-    import tensorflow as tf
-
-    def serve(token_ids):
-        features = model.backbone_features(model.trim_padding(token_ids))
-        return {"probabilities": tf.sigmoid(classifier(features, training=False))}
-
-    archive = keras.export.ExportArchive()
-    archive.track(classifier)
-    archive.add_endpoint("serve", serve, input_signature=[
-        tf.TensorSpec([None, None], tf.int32, name="token_ids")])
-    data_util.write_directory_atomically(export_dir, archive.write_out)
+    def export(self, export_dir: str, rule: str = "run") -> None:
+        """The SavedModel of serving.py; labels by the run's decision rule, or p >= 0.5."""
+        serving.export_classifier(self.classifier, export_dir, self.vocab, self.labels,
+                                  self.tokenize_style, self.sequence_length,
+                                  self.decision_thresholds(rule))
 
 
 def read_documents(path: str | None, encoding: str):
@@ -154,8 +153,10 @@ def main(_):
         cli.fail(f"--batch_size={FLAGS.batch_size} must be at least 1")
     predictor = Predictor(cli.run_dir_flag("ckpt_dir"))
     if FLAGS.export_dir:
-        predictor.export(FLAGS.export_dir)
-        print(f"exported SavedModel to {FLAGS.export_dir}", file=sys.stderr)
+        predictor.export(FLAGS.export_dir, FLAGS.decision_rule)
+        print(f"exported SavedModel to {FLAGS.export_dir}: signature {serving.TEXT_SIGNATURE} "
+              f"takes {serving.TEXT_EXPECTED[predictor.tokenize_style]}; "
+              f"{serving.TOKEN_IDS_SIGNATURE} takes int32 token ids", file=sys.stderr)
         return
     count = 0
     documents = read_documents(FLAGS.input_file, FLAGS.encoding)

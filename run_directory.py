@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -214,7 +215,8 @@ def open_finished(path: str, kind: str, flag: str) -> Run:
     if not isinstance(manifest, dict) or manifest.get("kind") != kind:
         what = "train_bert_lm.py" if kind == "pretrain" else \
             "train_bert_fine_tuning.py or train_transform.py"
-        found = "" if manifest is None else f" (its {MANIFEST} says kind {manifest.get('kind')!r})" \
+        found = "" if manifest is None else \
+            f" (its {MANIFEST} says kind {manifest.get('kind')!r})" \
             if isinstance(manifest, dict) else f" (its {MANIFEST} is not an object)"
         raise RunError(f"{flag}={path} is not a run directory of {what}{found}; point it at "
                        f"the directory that script wrote")
@@ -254,6 +256,41 @@ def open_for_training(path: str, kind: str, fingerprint: dict, overwrite: bool,
         run.release()
         raise
     return run, resuming
+
+
+def open_for_worker(path: str, kind: str, fingerprint: dict, overwrite: bool) -> Run:
+    """The run of a worker that is not the chief, in multi-worker training: a scratch directory,
+    removed at exit, for the artefacts every worker's callbacks write (only the chief's `path`
+    is the user's). It starts with a copy of the chief's epoch backup when the chief will resume
+    from it (the same rule as open_for_training's), so that every worker restores the same
+    epoch; the workers must therefore see `path` (one machine, or a shared file system)."""
+    _remove_dead_workers_scratch()
+    scratch = tempfile.mkdtemp(prefix=f"{WORKER_SCRATCH_PREFIX}{os.getpid()}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    manifest = read_json_file(os.path.join(path, MANIFEST), None) \
+        if os.path.isfile(os.path.join(path, MANIFEST)) else None
+    fingerprint = json.loads(json.dumps(fingerprint))
+    resumes = isinstance(manifest, dict) and manifest.get("kind") == kind \
+        and manifest.get("status") != "finished" \
+        and manifest.get("fingerprint") == fingerprint and not overwrite
+    if resumes and os.path.isdir(os.path.join(path, BACKUP)):
+        shutil.copytree(os.path.join(path, BACKUP), os.path.join(scratch, BACKUP))
+    run = Run(scratch, kind, {})
+    _start(run, fingerprint)
+    return run
+
+
+WORKER_SCRATCH_PREFIX = "bert_lm-worker-"
+
+
+def _remove_dead_workers_scratch() -> None:
+    """A killed worker never reaches its exit handler; its scratch run goes on the next start."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(WORKER_SCRATCH_PREFIX):].split("-", 1)[0]
+        if name.startswith(WORKER_SCRATCH_PREFIX) and pid.isdigit() \
+                and not data_util.process_alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _lock(run: Run, flag: str) -> None:
@@ -301,7 +338,8 @@ def _decide(run: Run, fingerprint: dict, overwrite: bool, flag: str, test_run: b
     leftovers = [name for name in os.listdir(run.path)
                  if name in ARTEFACTS or name in ARTEFACT_DIRS]
     if isinstance(manifest, dict) and manifest.get("kind") == run.kind \
-            and manifest.get("status") != "finished" and manifest.get("fingerprint") == fingerprint \
+            and manifest.get("status") != "finished" \
+            and manifest.get("fingerprint") == fingerprint \
             and not overwrite:
         run.manifest = manifest
         return True

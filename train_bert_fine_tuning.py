@@ -54,7 +54,6 @@ flags.DEFINE_boolean("freeze_backbone", False, "Train only the classifier head o
 def main(_):
     # --------------------------------------------------------------------- setup
     cli.validate_classifier_flags()
-    settings = cli.classifier_settings()
     timer, strategy = cli.start_run()
     pretrained = run_directory.open_finished(cli.run_dir_flag("pretrained_dir"), "pretrain",
                                              "--pretrained_dir")
@@ -67,10 +66,11 @@ def main(_):
                  f"'{style}' ({pretrained.file(run_directory.DATA_CONFIG)}); drop the flag")
     # checked before tokenizing, so that a bad length does not wait for the data
     model.ModelConfig.from_json(pretrained.verified(run_directory.CONFIG)).check_sequence_length(
-        settings.sequence_length)
+        FLAGS.sequence_length)
     vocab = data_util.Vocabulary.load(pretrained.verified(run_directory.VOCAB))
-    run, files = cli.open_classifier_run(cli.classifier_data_files(),
+    run, files = cli.open_classifier_run(strategy, cli.classifier_data_files(),
                                          pretrained=pretrained.manifest.get("checksums"))
+    settings = cli.classifier_settings(cli.worker_cache_dir(run, strategy))
 
     # ---------------------------------------------------------------------- data
     data = classifier_task.load_data(files, style, settings, vocab=vocab)

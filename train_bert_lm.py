@@ -70,10 +70,9 @@ def main(_):
     corpus_file = FLAGS.mask_lm_source_file or ensure_sample_data(FLAGS.data_path)["pretrain"]
     data_util.check_readable(corpus_file, "the pretraining corpus, --mask_lm_source_file")
     style = FLAGS.tokenize_style or "space"
-    run, _ = run_directory.open_for_training(
-        cli.run_dir_flag("ckpt_dir"), "pretrain",
-        cli.run_fingerprint({"corpus": corpus_file}, tokenize=style, model_preset=preset),
-        FLAGS.overwrite, "--ckpt_dir", test_run=FLAGS.test_mode)
+    run = cli.open_training_run(
+        strategy, "ckpt_dir", "pretrain",
+        cli.run_fingerprint({"corpus": corpus_file}, tokenize=style, model_preset=preset))
 
     # ---------------------------------------------------------------------- data
     cache_dir = FLAGS.cache_dir or os.path.join(
@@ -87,9 +86,8 @@ def main(_):
     run.write(run_directory.VOCAB, vocab.save)
     run.write_json(run_directory.DATA_CONFIG, {"tokenize_style": style, "vocab_size": len(vocab),
                                                "sequence_length_lm": FLAGS.sequence_length_lm})
-    train_corpus, valid_corpus = pretrain_task.split_documents(
-        pretrain_task.read_corpus(cache, vocab), FLAGS.valid_fraction, FLAGS.seed)
-    train_ds, valid_ds, steps = make_datasets(train_corpus, valid_corpus, len(vocab))
+    data = make_datasets(cache, vocab)
+    train_ds, valid_ds, steps = data.train, data.valid, data.steps_per_epoch
     print(f"pretraining: {steps} steps an epoch, {epochs} epochs, vocabulary {len(vocab)}")
 
     # --------------------------------------------------------------------- model
@@ -136,23 +134,24 @@ def main(_):
                             seconds=timer.seconds(), ckpt_dir=run.path)
 
 
-def make_datasets(train_corpus, valid_corpus, vocab_size: int):
-    length, rate, batch = FLAGS.sequence_length_lm, FLAGS.mask_rate, FLAGS.batch_size
-    if FLAGS.use_nsp:
-        tr_ids, tr_seg, tr_nsp = pretrain_task.make_nsp_pairs(train_corpus, length, FLAGS.seed)
-        va_ids, va_seg, va_nsp = pretrain_task.make_nsp_pairs(valid_corpus, length,
-                                                              FLAGS.seed + 1)
-    else:
-        tr_ids = pretrain_task.pack_sequences(train_corpus, length)
-        va_ids = pretrain_task.pack_sequences(valid_corpus, length)
-        tr_seg = tr_nsp = va_seg = va_nsp = None
-    train = pretrain_task.make_pretraining_dataset(tr_ids, vocab_size, batch, rate, tr_seg,
-                                                   tr_nsp, shuffle=True, seed=FLAGS.seed)
-    valid = pretrain_task.make_pretraining_dataset(va_ids, vocab_size, batch, rate, va_seg,
-                                                   va_nsp, shuffle=False, seed=FLAGS.seed + 1,
-                                                   fixed_masks=True)
-    print(f"{len(tr_ids)} training and {len(va_ids)} validation sequences of {length} tokens")
-    return train, valid, -(-len(tr_ids) // batch)
+def make_datasets(cache: str, vocab: data_util.Vocabulary, num_shards: int = 1,
+                  shard_index: int = 0) -> pretrain_task.PretrainingData:
+    """This worker's batches, streamed from the token cache a chunk at a time (memory does not
+    grow with the corpus). --batch_size is the global batch: each of `num_shards` workers reads
+    only its own shard of the documents, in batches of --batch_size / num_shards, and
+    `steps_per_epoch` counts that shard's batches."""
+    if FLAGS.batch_size % num_shards:
+        cli.fail(f"--batch_size={FLAGS.batch_size} must be a multiple of the {num_shards} "
+                 "workers, so that each reads the same share of a step")
+    settings = pretrain_task.PretrainingSettings(
+        sequence_length=FLAGS.sequence_length_lm, batch_size=FLAGS.batch_size // num_shards,
+        mask_rate=FLAGS.mask_rate, valid_fraction=FLAGS.valid_fraction, seed=FLAGS.seed,
+        use_nsp=FLAGS.use_nsp)
+    data = pretrain_task.make_pretraining_datasets(cache, vocab, settings, num_shards,
+                                                   shard_index)
+    print(f"{data.train_examples} training and {data.valid_examples} validation sequences of "
+          f"{FLAGS.sequence_length_lm} tokens")
+    return data
 
 
 if __name__ == "__main__":

@@ -28,14 +28,14 @@ flags.DEFINE_boolean("toy_task", False, "Train on the original's toy task instea
 def main(_):
     # --------------------------------------------------------------------- setup
     cli.validate_classifier_flags()
-    settings = cli.classifier_settings()
     timer, strategy = cli.start_run()
     preset = "tiny" if FLAGS.test_mode else FLAGS.preset
     if FLAGS.toy_task:
-        return run_toy_task(strategy, preset, timer, settings)
+        return run_toy_task(strategy, preset, timer, cli.classifier_settings())
     # checked before tokenizing, so that a bad length does not wait for the data
-    model.check_sequence_length(settings.sequence_length, FLAGS.max_position)
-    run, files = cli.open_classifier_run(cli.classifier_data_files())
+    model.check_sequence_length(FLAGS.sequence_length, FLAGS.max_position)
+    run, files = cli.open_classifier_run(strategy, cli.classifier_data_files())
+    settings = cli.classifier_settings(cli.worker_cache_dir(run, strategy))
 
     # ---------------------------------------------------------------------- data
     data = classifier_task.load_data(files, FLAGS.tokenize_style or "space", settings,

@@ -2,7 +2,6 @@
 Plain arguments only; the flags live in cli.py."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -25,7 +24,7 @@ def get_distribution_strategy(name: str) -> tf.distribute.Strategy:
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker_mirrored":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return MultiWorkerStrategy()
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -37,6 +36,38 @@ def get_distribution_strategy(name: str) -> tf.distribute.Strategy:
                              "the flag") from None
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"--distribution_strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+
+
+class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy (cluster from TF_CONFIG) that Keras 3's fit can drive.
+
+    Keras 3.15 hands the collective strategy two reductions it cannot do (keras-team/keras
+    #20585, #20329): a dict of per-replica input tensors (to build the model symbolically, our
+    inputs are dicts), and per-replica scalar logs with axis=0. Both are reduced here leaf by
+    leaf, scalars over the replicas; everything else goes to the strategy unchanged.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        parent = super(MultiWorkerStrategy, self)
+        if isinstance(value, (dict, list, tuple)):
+            return tf.nest.map_structure(lambda leaf: parent.reduce(reduce_op, leaf, axis), value)
+        if axis is not None and self.experimental_local_results(value)[0].shape.rank == 0:
+            axis = None
+        return parent.reduce(reduce_op, value, axis)
+
+    def is_chief(self) -> bool:
+        """The worker that writes the run directory: the `chief` task if the cluster names one,
+        else worker 0 (TF_CONFIG's convention)."""
+        resolver = self.cluster_resolver
+        if resolver.task_type == "chief":
+            return True
+        return resolver.task_type == "worker" and resolver.task_id == 0 \
+            and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run directory (always, unless several workers)."""
+    return strategy.is_chief() if isinstance(strategy, MultiWorkerStrategy) else True
 
 
 def split_cpu_for_testing(count: int) -> None:

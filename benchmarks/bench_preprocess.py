@@ -79,7 +79,8 @@ def run_pipeline(corpus: str, cache_dir: str, process_num: int | None,
     seconds = time.perf_counter() - start
     with h5py.File(cache, "r") as h5:  # shapes only: holding the ids would grow with the corpus
         lines, tokens = h5["offsets"].shape[0] - 1, h5["input_ids"].shape[0]
-    return {"lines": lines, "tokens": tokens, "seconds": seconds, "backend": data_util.word_backend(),
+    return {"lines": lines, "tokens": tokens, "seconds": seconds,
+            "backend": data_util.word_backend(),
             **peak_rss_mib(workers if workers > 1 else 0)}
 
 

@@ -395,7 +395,8 @@ def summary(results: dict) -> str:
                 early = np.mean([max(c[:3]) for c in pre["valid_curves"]])
                 within3.append(f"{budget}_{backbone}:{early - scratch['valid_f1_best']:+.3f}")
     return (f"quality tasks={','.join(results)} "
-            f"default_ft_vs_scratch_min={min((g['gain'] for g in found), default=float('nan')):.4f} "
+            f"default_ft_vs_scratch_min="
+            f"{min((g['gain'] for g in found), default=float('nan')):.4f} "
             f"default_ft_vs_tfidf_min={min(best_vs_tfidf, default=float('nan')):.4f} "
             f"small_gain_tasks={len(small_gain_tasks)}({','.join(small_gain_tasks)}) "
             f"mentions_valid3_vs_scratch_best={';'.join(within3) or 'n/a'}")
@@ -554,8 +555,10 @@ def main() -> None:
             for r in results[t][b].values())
         run_directory.write_json_file(results_path, results)
         run_directory.write_json_file(meta_path, {"settings": "quick" if args.quick else "full",
-                                                  "pretraining": pretraining, "seconds": round(seconds),
-                                                  "cpu_count": os.cpu_count(), "pretrain_budgets": study,
+                                                  "pretraining": pretraining,
+                                                  "seconds": round(seconds),
+                                                  "cpu_count": os.cpu_count(),
+                                                  "pretrain_budgets": study,
                                                   "flags": {k: v for k, v in settings.items()}})
         write_reports(results, pretraining, "quick" if args.quick else "full", seconds, suffix,
                       study)

@@ -79,8 +79,9 @@ def labelled_files(tmp: str) -> list[str]:
 def fake_unfinished_run(directory: str, kind: str) -> None:
     """A directory that an interrupted (full, not test-mode) run with other settings left."""
     import run_directory
-    run, _ = run_directory.open_for_training(directory, kind, {"test_mode": False, "backbone": "transformer",
-                                                               "d_model": 32}, overwrite=True)
+    run, _ = run_directory.open_for_training(directory, kind,
+                                             {"test_mode": False, "backbone": "transformer",
+                                              "d_model": 32}, overwrite=True)
     run.release()
 
 
@@ -153,7 +154,8 @@ def catalogue(shared: dict) -> list[Case]:
              "changed since training", lambda tmp: damaged_copy(ft, f"{tmp}/ft", swap="vocab.txt")),
         Case("labels.txt lines swapped", "predict.py",
              ["--ckpt_dir={tmp}/ft", "--input_file=" + os.path.join(ROOT, "README.md")],
-             "changed since training", lambda tmp: damaged_copy(ft, f"{tmp}/ft", swap="labels.txt")),
+             "changed since training",
+             lambda tmp: damaged_copy(ft, f"{tmp}/ft", swap="labels.txt")),
         Case("data_config.json not an object", "predict.py",
              ["--ckpt_dir={tmp}/ft", "--input_file=" + os.path.join(ROOT, "README.md")],
              "data_config.json", lambda tmp: damaged_copy(ft, f"{tmp}/ft", data_config="[1, 2]")),
@@ -322,7 +324,8 @@ def make_shared_runs(scratch: str) -> dict:
     """One finished pretraining run and one finished classifier, for the cases that read them."""
     lm, ft = os.path.join(scratch, "shared_lm"), os.path.join(scratch, "shared_ft")
     for script, flags in (("train_bert_lm.py", ["--test_mode=True", f"--ckpt_dir={lm}"]),
-                          ("train_bert_fine_tuning.py", ["--test_mode=True", f"--pretrained_dir={lm}",
+                          ("train_bert_fine_tuning.py", ["--test_mode=True",
+                                                         f"--pretrained_dir={lm}",
                                                          f"--ckpt_dir_save={ft}"])):
         result = run_script(script, flags)
         if result.returncode != 0:

@@ -186,14 +186,19 @@ def pretraining_input_rate(batches: int = 60) -> float:
 # --------------------------------------------------------------------------------- inference
 def exported_latency(backbone: str, workdir: str) -> dict:
     """Batch-1 latency (ms, median of 200 calls) and batch-64 rate (docs/s) of the exported
-    SavedModel's `serve` endpoint, at the full fine-tuning length."""
-    import predict
+    SavedModel's token-id endpoint (the decision rule included), at the full fine-tuning
+    length."""
+    import data_util_hdf5 as data_util
+    import serving
     config = model.config_from_preset("small", backbone=backbone, vocab_size=VOCAB)
     classifier = model.build_classifier(model.build_backbone(config), LABELS, 0.1)
     export_dir = os.path.join(workdir, f"export_{backbone}")
-    predict.export_classifier(classifier, export_dir)
+    vocab = data_util.Vocabulary(data_util.SPECIAL_TOKENS
+                                 + [f"w{i}" for i in range(VOCAB - len(data_util.SPECIAL_TOKENS))])
+    serving.export_classifier(classifier, export_dir, vocab, [f"l{i}" for i in range(LABELS)],
+                              "space", LENGTH)
     loaded = tf.saved_model.load(export_dir)  # kept: its variables live as long as it does
-    serve = loaded.serve
+    serve = loaded.serve_token_ids
     one = tf.constant(synthetic_batch()["token_ids"][:1])
     many = tf.constant(synthetic_batch()["token_ids"])
     for _ in range(5):

@@ -108,7 +108,8 @@ class MultiLabelHead(keras.layers.Layer):
         self.d_model, self.num_labels = d_model, num_labels
         self.dropout, self.initializer_range = dropout, initializer_range
         self.dropout_layer = keras.layers.Dropout(dropout)
-        self.dense = keras.layers.Dense(num_labels, kernel_initializer=initializer(initializer_range),
+        self.dense = keras.layers.Dense(num_labels,
+                                        kernel_initializer=initializer(initializer_range),
                                         name="logits")
 
     def build(self, input_shape):

@@ -61,7 +61,8 @@ def check_weight_layout(backbone: keras.Model, weights_file: str) -> None:
     try:
         found = weight_layout(weights_file)
     except OSError as error:
-        raise BackboneMismatchError(f"{weights_file}: not a readable weights file ({error})") from None
+        raise BackboneMismatchError(
+            f"{weights_file}: not a readable weights file ({error})") from None
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])

@@ -28,7 +28,8 @@ class Embeddings(keras.layers.Layer):
         self.max_position, self.type_vocab_size = max_position, type_vocab_size
         self.dropout, self.initializer_range = dropout, initializer_range
         init = initializer(initializer_range)
-        self.token_embedding = keras.layers.Embedding(vocab_size, d_model, embeddings_initializer=init,
+        self.token_embedding = keras.layers.Embedding(vocab_size, d_model,
+                                                      embeddings_initializer=init,
                                                       name="token_embedding")
         self.segment_embedding = keras.layers.Embedding(type_vocab_size, d_model,
                                                         embeddings_initializer=init,
@@ -178,7 +179,8 @@ class TextCNNEncoder(keras.layers.Layer):
                  dropout: float = 0.1, initializer_range: float = 0.02, **kwargs):
         super().__init__(**kwargs)
         self.d_model, self.filter_sizes = d_model, tuple(filter_sizes)
-        self.num_filters, self.dropout, self.initializer_range = num_filters, dropout, initializer_range
+        self.num_filters, self.dropout, self.initializer_range = (num_filters, dropout,
+                                                                  initializer_range)
         init = initializer(initializer_range)
         self.branches = []
         for width in self.filter_sizes:

@@ -105,14 +105,19 @@ def set_label_priors(classifier: keras.Model, frequencies) -> None:
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 def masked_lm_loss(y_true, y_pred):
-    """Cross-entropy averaged over the real masked slots only.
+    """Cross-entropy averaged over the real masked slots only, as one value an example.
 
-    `y_true` [B,P] holds the original ids; 0 (the PAD id) marks an unused slot, which costs nothing.
+    `y_true` [B,P] holds the original ids; 0 (the PAD id) marks an unused slot, which costs
+    nothing. Example i gets B * (its slots' loss) / (the batch's real slots), so Keras' mean over
+    the batch is the mean over the batch's real slots. A single scalar would be the same number
+    on one device, but Keras adds up such scalars over replicas under tf.distribute (the logged
+    loss doubled with 2 replicas); per-example values it averages.
     """
     targets = ops.cast(y_true, "int32")
     weights = ops.cast(targets != 0, y_pred.dtype)
     losses = keras.losses.sparse_categorical_crossentropy(targets, y_pred, from_logits=True)
-    return ops.sum(losses * weights) / ops.maximum(ops.sum(weights), 1.0)
+    batch = ops.cast(ops.shape(targets)[0], y_pred.dtype)
+    return ops.sum(losses * weights, axis=1) * batch / ops.maximum(ops.sum(weights), 1.0)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -162,7 +167,8 @@ def compile_pretraining_model(model: keras.Model, optimizer, use_nsp: bool = Fal
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 def multilabel_loss(y_true, y_pred):
-    """Binary cross-entropy on logits, summed over labels (as the original), averaged over examples."""
+    """Binary cross-entropy on logits, summed over labels (as the original), averaged over
+    examples."""
     losses = ops.binary_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred, from_logits=True)
     return ops.sum(losses, axis=-1)
 

@@ -40,7 +40,7 @@ def test_parse_label_line(line, expected):
 def test_read_lines_strips_bom_and_crlf_and_numbers_from_one(tmp_path):
     path = write(tmp_path / "f.txt", "\ufeff第一 __label__a\r\n\r\n第三\r\n最后")
     assert list(data_util.read_lines(path)) == [(1, "第一 __label__a"), (2, ""), (3, "第三"),
-                                         (4, "最后")]
+                                                (4, "最后")]
 
 
 def test_labelled_lines_skip_blank_and_warn_about_unlabelled(tmp_path, capsys):
@@ -64,14 +64,14 @@ def test_labelled_file_without_any_label_is_an_error(tmp_path):
 def test_unlabelled_lines_skip_blanks(tmp_path):
     path = write(tmp_path / "corpus.txt", "a b\n   \n\nc\n")
     assert list(data_util.iter_tokenized_lines(path, "space", process_num=1)) == [(1, ["a", "b"]),
-                                                                        (4, ["c"])]
+                                                                                  (4, ["c"])]
 
 
 def test_tokenize_styles():
     assert data_util.tokenize(" 我 爱\t北京 ", "space") == ["我", "爱", "北京"]
     assert data_util.tokenize("我 爱 ab", "char") == ["我", "爱", "a", "b"]
     assert data_util.tokenize("我来到北京清华大学  hello", "word") == ["我", "来到", "北京", "清华大学",
-                                                         "hello"]
+                                                              "hello"]
     with pytest.raises(data_util.DataError, match="--tokenize_style='words' is unknown"):
         data_util.tokenize("x", "words")
 
@@ -96,7 +96,8 @@ def test_rjieba_backend_matches_jieba_on_the_sample_corpora():
     tricky = [text for text in reviews if data_util._ASCII_NEXT_TO_SYMBOL.search(text)]
     texts = tricky + reviews[:1000] + paragraphs
     assert len(tricky) > 300
-    mismatches = [t for t in texts if data_util.cut_words(t, "rjieba") != data_util.cut_words(t, "jieba")]
+    mismatches = [t for t in texts if data_util.cut_words(
+        t, "rjieba") != data_util.cut_words(t, "jieba")]
     assert mismatches == []
 
 
@@ -132,7 +133,8 @@ def test_vocabulary_is_deterministic_and_ranked(tmp_path):
     assert vocab.tokens == data_util.SPECIAL_TOKENS + ["b", "c", "a", "d"]
     again = data_util.build_vocabulary([path], "space", 9, process_num=2)
     assert again.tokens == vocab.tokens and again.fingerprint() == vocab.fingerprint()
-    assert vocab.encode(["c", "zzz"]) == [6, data_util.UNK_ID] and vocab.id_of("[MASK]") == data_util.MASK_ID
+    assert vocab.encode(["c", "zzz"]) == [6, data_util.UNK_ID] and vocab.id_of(
+        "[MASK]") == data_util.MASK_ID
 
 
 def test_vocabulary_save_load_and_corrupt_files(tmp_path):
@@ -142,7 +144,8 @@ def test_vocabulary_save_load_and_corrupt_files(tmp_path):
     bad = write(tmp_path / "bad.txt", "北京\n[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
     with pytest.raises(data_util.DataError, match=r"bad\.txt:1: a vocabulary must start with"):
         data_util.Vocabulary.load(bad)
-    twice = write(tmp_path / "twice.txt", "\n".join(data_util.SPECIAL_TOKENS + ["a", "b", "a"]) + "\n")
+    twice = write(tmp_path / "twice.txt",
+                  "\n".join(data_util.SPECIAL_TOKENS + ["a", "b", "a"]) + "\n")
     with pytest.raises(data_util.DataError, match=r"twice\.txt:8: token 'a' appears twice"):
         data_util.Vocabulary.load(twice)
     with pytest.raises(data_util.DataError, match="nope.txt: no such file"):
@@ -177,7 +180,7 @@ def task(tmp_path):
 def test_classification_cache_contents(task, capsys):
     files, vocab, labels, cache_dir = task
     path = data_util.load_or_build_classification_cache(files, vocab, labels, 4, "space", cache_dir,
-                                                 process_num=1)
+                                                        process_num=1)
     ids, hot = data_util.read_classification_split(path, "train")
     assert ids.dtype == np.int32 and hot.dtype == np.uint8 and labels == ["a", "b", "c"]
     v = vocab.id_of
@@ -204,7 +207,7 @@ def test_cache_is_reused_and_each_cause_invalidates_it(task, capsys):
 
     def build(files=files, vocab=vocab, labels=labels, length=8, style="space"):
         return data_util.load_or_build_classification_cache(files, vocab, labels, length, style,
-                                                     cache_dir, process_num=1)
+                                                            cache_dir, process_num=1)
 
     first = build()
     capsys.readouterr()
@@ -215,8 +218,8 @@ def test_cache_is_reused_and_each_cause_invalidates_it(task, capsys):
     others = [build(files=changed), build(length=9), build(vocab=bigger),
               build(labels=labels[::-1]), build(style="char")]
     assert len({first, *others}) == 6
-    assert data_util.open_valid_cache(first, data_util.classification_fingerprint(files, vocab, labels, 8,
-                                                                    "space"))
+    assert data_util.open_valid_cache(first, data_util.classification_fingerprint(
+        files, vocab, labels, 8, "space"))
 
 
 def test_broken_cache_files_are_not_trusted(tmp_path, capsys):
@@ -226,8 +229,8 @@ def test_broken_cache_files_are_not_trusted(tmp_path, capsys):
     with h5py.File(unfinished, "w") as h5:
         h5.attrs["fingerprint"] = "f"
     assert not data_util.open_valid_cache(unfinished, "f")
-    data_util.write_hdf5_atomically(str(tmp_path / "ok.h5"), lambda h5: h5.create_dataset("x", data=[1]),
-                             "f")
+    data_util.write_hdf5_atomically(str(tmp_path / "ok.h5"),
+                                    lambda h5: h5.create_dataset("x", data=[1]), "f")
     assert data_util.open_valid_cache(str(tmp_path / "ok.h5"), "f")
     assert not data_util.open_valid_cache(str(tmp_path / "ok.h5"), "g")  # foreign: deleted too
     assert "incomplete or foreign cache" in capsys.readouterr().err
@@ -299,7 +302,7 @@ def test_a_dead_writers_leftover_is_swept_and_a_live_ones_kept(tmp_path, name):
      r"cannot write \(Permission denied\); fix the permissions, then rerun the same command"),
 ])
 def test_a_full_disk_or_a_refused_write_is_one_line_naming_the_file(tmp_path, name, failure,
-                                                                     error, says):
+                                                                    error, says):
     path = str(tmp_path / name)
     with pytest.raises(error, match=f"^{re.escape(path)}: {says}") as raised:
         write_either(path, failure)
@@ -353,8 +356,8 @@ sys.path.insert(0, sys.argv[1])
 import data_util_hdf5 as data_util
 files = {"train": sys.argv[2]}
 vocab = data_util.Vocabulary.load(sys.argv[3])
-data_util.load_or_build_classification_cache(files, vocab, ["l0", "l1", "l2"], 32, "space", sys.argv[4],
-                                      process_num=1)
+data_util.load_or_build_classification_cache(files, vocab, ["l0", "l1", "l2"], 32, "space",
+                                             sys.argv[4], process_num=1)
 """
 
 
@@ -380,8 +383,9 @@ def test_build_killed_mid_write_is_rebuilt(tmp_path, capsys):
     child.wait()
     assert temporary is not None, "the child never started writing"
     assert os.listdir(cache_dir) == [temporary]  # nothing a later run would trust
-    path = data_util.load_or_build_classification_cache({"train": str(train)}, vocab, ["l0", "l1", "l2"],
-                                                 32, "space", str(cache_dir), process_num=1)
+    path = data_util.load_or_build_classification_cache({"train": str(train)}, vocab,
+                                                        ["l0", "l1", "l2"], 32, "space",
+                                                        str(cache_dir), process_num=1)
     assert "Built classification cache" in capsys.readouterr().out
     assert os.listdir(cache_dir) == [os.path.basename(path)]  # the orphan was cleaned up
     ids, hot = data_util.read_classification_split(path, "train")
@@ -395,14 +399,16 @@ def test_token_cache_round_trip(tmp_path):
     ids, offsets = data_util.read_token_cache(cache)
     assert offsets.tolist() == [0, 3, 4]
     assert ids.tolist() == vocab.encode(["我", "爱", "北京", "天安门"])
-    assert data_util.load_or_build_token_cache(path, vocab, "space", str(tmp_path / "cache")) == cache
+    assert data_util.load_or_build_token_cache(
+        path, vocab, "space", str(tmp_path / "cache")) == cache
 
 
 def test_encode_example_truncates_and_pads():
     vocab = data_util.Vocabulary(data_util.SPECIAL_TOKENS + ["a", "b"])
     assert data_util.encode_example(["a", "b", "a"], vocab, 3) == [data_util.CLS_ID, 5, 6]
-    assert data_util.encode_example(["b", "zz"], vocab, 5) == [data_util.CLS_ID, 6, data_util.UNK_ID, data_util.PAD_ID,
-                                                         data_util.PAD_ID]
+    assert data_util.encode_example(["b", "zz"], vocab, 5) == [data_util.CLS_ID, 6,
+                                                               data_util.UNK_ID, data_util.PAD_ID,
+                                                               data_util.PAD_ID]
     with pytest.raises(data_util.DataError, match="--sequence_length=1"):
         data_util.check_minimum_sequence_length(1)
 
@@ -443,7 +449,7 @@ def test_copy_first_lines_keeps_the_encoding_and_names_a_bad_line(tmp_path):
     gbk.write_bytes("北京 __label__a\n上海 __label__b\n广州 __label__c\n".encode("gb18030"))
     target = data_util.copy_first_lines(str(gbk), 2, str(tmp_path / "head.txt"), "gb18030")
     assert [t for _, t in data_util.read_lines(target, "gb18030")] == ["北京 __label__a",
-                                                                        "上海 __label__b"]
+                                                                       "上海 __label__b"]
     with pytest.raises(data_util.DataError,
                        match=r"gbk.txt:1: cannot decode as utf-8.*--encoding gb18030"):
         data_util.copy_first_lines(str(gbk), 2, str(tmp_path / "head2.txt"))

@@ -6,7 +6,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_bert_lm", "train_bert_fine_tuning", "train_transform", "predict")
 # Top to bottom; a module may import only from the layers below its own.
-LAYERS = (("cli",), ("classifier_task", "pretrain_task"), ("train_util",),
+LAYERS = (("cli",), ("classifier_task", "pretrain_task", "serving"), ("train_util",),
           ("run_directory", "data.prepare"), ("data_util_hdf5",), ("model",))
 PROJECT = {name.split(".")[0] for layer in LAYERS for name in layer} | set(SCRIPTS)
 

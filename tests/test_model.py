@@ -70,10 +70,12 @@ def test_masked_lm_loss_falls_below_a_tenth_of_its_start(backbone):
 
 def test_masked_lm_loss_ignores_unused_slots():
     logits = tf.random.normal((2, 3, 10), seed=1)
-    full = model.masked_lm_loss(tf.constant([[5, 6, 0], [7, 0, 0]]), logits)
+    per_example = model.masked_lm_loss(tf.constant([[5, 6, 0], [7, 0, 0]]), logits)
     ce = keras.losses.sparse_categorical_crossentropy(tf.constant([[5, 6, 0], [7, 0, 0]]),
                                                       logits, from_logits=True).numpy()
-    assert float(full) == pytest.approx((ce[0, 0] + ce[0, 1] + ce[1, 0]) / 3, rel=1e-5)
+    assert per_example.shape == (2,)
+    assert float(np.mean(per_example)) == pytest.approx((ce[0, 0] + ce[0, 1] + ce[1, 0]) / 3,
+                                                        rel=1e-5)
     accuracy = model.MaskedLMAccuracy()
     accuracy.update_state(tf.constant([[5, 0]]), tf.one_hot([[5, 3]], 10))
     assert float(accuracy.result()) == 1.0
@@ -289,7 +291,8 @@ def test_config_json_round_trip_presets_and_errors(tmp_path):
 # ------------------------------------------------------------------------ save / load
 def save(net, config, directory) -> tuple[str, str]:
     """config.json + backbone.weights.h5 in `directory`, as a pretraining run leaves them."""
-    config_file, weights_file = str(directory / "config.json"), str(directory / "backbone.weights.h5")
+    config_file, weights_file = str(
+        directory / "config.json"), str(directory / "backbone.weights.h5")
     write_config(config, config_file)
     net.save_weights(weights_file)
     return config_file, weights_file
@@ -351,8 +354,8 @@ def test_training_batches_group_lengths_and_cover_every_example_once():
         ids[row, :length] = rng.integers(5, 50, length)
     ids[:, 0] = 2
     gold = np.eye(3, dtype=np.uint8)[np.arange(300) % 3]
-    data = classifier_task.ClassificationData(None, ["a", "b", "c"], "space", {"train": (ids, gold)},
-                                 batch_size=8)
+    data = classifier_task.ClassificationData(None, ["a", "b", "c"], "space",
+                                              {"train": (ids, gold)}, batch_size=8)
     seen, padded_widths = [], []
     batches = list(data.training_dataset(seed=1))
     assert len(batches) == data.steps_per_epoch() <= 300 // 8 + 8
@@ -364,3 +367,41 @@ def test_training_batches_group_lengths_and_cover_every_example_once():
         padded_widths.append(features["token_ids"].shape[1])
     assert sorted(seen) == sorted(tuple(row[:n]) for row, n in zip(ids, lengths))
     assert np.mean(padded_widths) < 0.8 * 40  # random batches of 8 would be nearly 40 wide
+
+
+TWO_REPLICA_LOSS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import train_util
+if sys.argv[2] == "mirrored":
+    train_util.split_cpu_for_testing(2)
+import keras, numpy as np, model, pretrain_task
+ids = np.random.default_rng(0).integers(5, 200, (128, 16)).astype(np.int32)
+data = pretrain_task.make_pretraining_dataset(ids, 200, 32, shuffle=False, fixed_masks=True)
+keras.utils.set_random_seed(1)
+with train_util.get_distribution_strategy(sys.argv[2]).scope():
+    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=200, max_position=64)
+    pretrainer = model.build_pretraining_model(model.build_backbone(config))
+    model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(1e-3))
+print("LOSS", pretrainer.evaluate(data, verbose=0, return_dict=True)["mlm_loss"])
+"""
+
+
+@pytest.mark.slow
+def test_masked_lm_loss_is_the_same_on_two_replicas():
+    """Under MirroredStrategy with 2 replicas (2 logical CPUs, so a process of its own) the
+    logged masked-LM loss is the one-device figure, not the sum over replicas."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    losses = {}
+    for strategy in ("one_device", "mirrored"):
+        done = subprocess.run([sys.executable, "-c", TWO_REPLICA_LOSS, root, strategy],
+                              capture_output=True, text=True, timeout=300)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("LOSS ")]
+        assert lines, done.stderr[-2000:]
+        losses[strategy] = float(lines[-1].split()[1])
+    assert losses["mirrored"] == pytest.approx(losses["one_device"], rel=0.02)
+    assert losses["one_device"] == pytest.approx(np.log(200), rel=0.1)

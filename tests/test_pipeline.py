@@ -158,7 +158,7 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path, sample_data):
     run("predict.py", f"--ckpt_dir={run_dir}", f"--export_dir={export_dir}")
     import tensorflow as tf
     loaded = tf.saved_model.load(export_dir)  # keep a reference: it owns the variables
-    served = loaded.serve(tf.constant([[2, 7, 8, 9, 0, 0]], tf.int32))
+    served = loaded.serve_token_ids(tf.constant([[2, 7, 8, 9, 0, 0]], tf.int32))
     assert served["probabilities"].shape == (1, len(labels))
 
 

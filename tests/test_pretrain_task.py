@@ -36,7 +36,8 @@ def test_pack_sequences_packs_short_sentences_and_cuts_long_ones():
 def test_nsp_pairs_are_balanced_and_segmented():
     rng = np.random.default_rng(0)
     docs = [[list(rng.integers(FIRST_WORD, 50, 5)) for _ in range(4)] for _ in range(60)]
-    rows, segments, labels = pretrain_task.make_nsp_pairs(make_corpus(docs), sequence_length=16, seed=1)
+    rows, segments, labels = pretrain_task.make_nsp_pairs(make_corpus(docs), sequence_length=16,
+                                                          seed=1)
     assert rows.shape == segments.shape == (len(labels), 16)
     assert 0.35 < labels.mean() < 0.65
     for row, segment in zip(rows, segments):
@@ -110,7 +111,8 @@ def test_masking_statistics_follow_bert():
     ids = rng.integers(FIRST_WORD, 1000, size=(512, 40)).astype(np.int32)
     ids[:, 0], ids[:, 30], ids[:, 31:] = data_util.CLS_ID, data_util.SEP_ID, data_util.PAD_ID
     generator = tf.random.Generator.from_seed(1)
-    out = pretrain_task.mask_tokens(ids, 1000, 0.15, pretrain_task.max_predictions_for(40, 0.15), generator)
+    out = pretrain_task.mask_tokens(ids, 1000, 0.15, pretrain_task.max_predictions_for(40, 0.15),
+                                    generator)
     positions, targets = out["masked_positions"].numpy(), out["masked_ids"].numpy()
     masked = out["token_ids"].numpy()
     used = targets != data_util.PAD_ID
@@ -145,7 +147,8 @@ def test_dataset_draws_new_masks_each_epoch_but_validation_keeps_its_own():
     ids = np.random.default_rng(0).integers(FIRST_WORD, 500, size=(32, 24)).astype(np.int32)
     train = pretrain_task.make_pretraining_dataset(ids, 500, 32, shuffle=False, seed=1)
     assert not np.array_equal(_first_batch_masks(train), _first_batch_masks(train))
-    valid = pretrain_task.make_pretraining_dataset(ids, 500, 32, shuffle=False, seed=1, fixed_masks=True)
+    valid = pretrain_task.make_pretraining_dataset(ids, 500, 32, shuffle=False, seed=1,
+                                                   fixed_masks=True)
     first = _first_batch_masks(valid)
     assert np.array_equal(first, _first_batch_masks(valid))
     features, targets = next(iter(valid))
@@ -165,21 +168,21 @@ def test_corpus_cache_round_trip_and_reuse(tmp_path, capsys):
     corpus_file = tmp_path / "corpus.txt"
     corpus_file.write_text("我 爱 北京 。 天安门 很 大 ！ 真的\n\n今天 天气 好\n", encoding="utf-8")
     cache_dir = tmp_path / "cache"
-    vocab, path = pretrain_task.load_or_build_corpus_cache(str(corpus_file), "space", 100, str(cache_dir),
-                                                process_num=1)
+    vocab, path = pretrain_task.load_or_build_corpus_cache(str(corpus_file), "space", 100,
+                                                           str(cache_dir), process_num=1)
     corpus = pretrain_task.read_corpus(path, vocab)
     assert corpus.num_documents == 2
     first_doc = corpus.document_sentences(0)
     assert [vocab.tokens[i] for i in first_doc[0]] == ["我", "爱", "北京", "。"]
     assert len(first_doc) == 3  # split after 。 and ！, the tail is a sentence too
     again_vocab, again = pretrain_task.load_or_build_corpus_cache(str(corpus_file), "space", 100,
-                                                       str(cache_dir), process_num=1)
+                                                                  str(cache_dir), process_num=1)
     assert again == path and "Reusing" in capsys.readouterr().out
     assert again_vocab.tokens == vocab.tokens
     assert pretrain_task.read_corpus(again, vocab).tokens.tolist() == corpus.tokens.tolist()
     corpus_file.write_text("别的 文字\n", encoding="utf-8")
-    _, changed = pretrain_task.load_or_build_corpus_cache(str(corpus_file), "space", 100, str(cache_dir),
-                                               process_num=1)
+    _, changed = pretrain_task.load_or_build_corpus_cache(str(corpus_file), "space", 100,
+                                                          str(cache_dir), process_num=1)
     assert changed != path
 
 
@@ -213,3 +216,157 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(data_util.DataError, match="no tokens found"):
         pretrain_task.load_or_build_corpus_cache(str(corpus_file), "space", 50, str(tmp_path / "c"),
                                       process_num=1)
+
+
+# ------------------------------------------------------------------ streamed from the token cache
+STREAM_LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory) -> tuple[data_util.Vocabulary, str]:
+    """A real token cache of 40 documents; document d's words are all `d_k` (k < 4), its
+    sentences end with 。, and its length varies from one short sentence to six long ones."""
+    rng = np.random.default_rng(5)
+    lines = []
+    for d in range(40):
+        sentences = [" ".join(f"{d}_{k}" for k in rng.integers(0, 4, rng.integers(1, 13)))
+                     for _ in range(rng.integers(1, 7))]
+        lines.append(" 。 ".join(sentences) + ("" if d % 3 else " 。"))
+    root = tmp_path_factory.mktemp("stream")
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return pretrain_task.load_or_build_corpus_cache(str(root / "corpus.txt"), "space", 1000,
+                                                    str(root / "cache"), process_num=1)
+
+
+def settings(**changes) -> pretrain_task.PretrainingSettings:
+    values = {"sequence_length": STREAM_LENGTH, "batch_size": 8, "valid_fraction": 0.2,
+              "seed": 3, "chunk_tokens": 50, **changes}
+    return pretrain_task.PretrainingSettings(**values)
+
+
+def unmasked_rows(dataset) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    """(original rows, masked positions, targets) of every batch: the masked ids put back."""
+    batches = []
+    for features, targets in dataset:
+        rows, positions = features["token_ids"].numpy(), features["masked_positions"].numpy()
+        masked = targets["mlm"].numpy()
+        current = np.take_along_axis(rows, positions, axis=1)
+        np.put_along_axis(rows, positions, np.where(masked != data_util.PAD_ID, masked, current),
+                          axis=1)
+        batches.append((rows, positions, {k: v.numpy() for k, v in targets.items()}))
+    return batches
+
+
+def row_multiset(rows: np.ndarray) -> list[tuple]:
+    return sorted(map(tuple, rows.tolist()))
+
+
+def documents_in(rows: np.ndarray, vocab: data_util.Vocabulary) -> set[int]:
+    words = [vocab.tokens[i] for i in np.unique(rows[rows >= FIRST_WORD])]
+    return {int(word.split("_")[0]) for word in words if "_" in word}
+
+
+def test_streamed_rows_are_the_in_memory_packing_of_each_chunk(token_cache):
+    """One chunk: exactly the in-memory packing of the training split. Small chunks: packing
+    starts afresh at every chunk, so the rows are the in-memory packing of each chunk's
+    training documents (the only change: a partly filled row at the end of a chunk)."""
+    vocab, cache = token_cache
+    corpus = pretrain_task.read_corpus(cache, vocab)
+    whole, _ = pretrain_task.split_documents(corpus, 0.2, seed=3)
+    offsets = data_util.read_token_cache(cache)[1]
+    train_docs, _ = pretrain_task.split_document_indices(corpus.num_documents, 0.2, 3)
+    for chunk_tokens in (1 << 30, 50):
+        expected = [pretrain_task.pack_sequences(pretrain_task.subset_documents(
+            corpus, train_docs[(train_docs >= first) & (train_docs < last)]), STREAM_LENGTH)
+            for first, last in pretrain_task.chunk_rows(offsets, chunk_tokens)]
+        data = pretrain_task.make_pretraining_datasets(cache, vocab,
+                                                       settings(chunk_tokens=chunk_tokens))
+        streamed = np.concatenate([rows for rows, _, _ in unmasked_rows(data.train)])
+        assert row_multiset(streamed) == row_multiset(np.concatenate(expected))
+        assert data.train_examples == len(streamed)
+    assert len(expected) > 10
+    one_chunk = pretrain_task.pack_sequences(whole, STREAM_LENGTH)
+    assert 0 < len(streamed) - len(one_chunk) <= len(expected)
+    words = whole.tokens[whole.tokens >= FIRST_WORD]
+    assert sorted(streamed[streamed >= FIRST_WORD]) == sorted(words)
+
+
+@pytest.mark.parametrize("chunk_tokens", [16, 50, 1 << 30])
+def test_every_document_lands_in_one_split_whatever_the_chunk_size(token_cache, chunk_tokens):
+    vocab, cache = token_cache
+    data = pretrain_task.make_pretraining_datasets(cache, vocab,
+                                                   settings(chunk_tokens=chunk_tokens))
+    train = documents_in(np.concatenate([r for r, _, _ in unmasked_rows(data.train)]), vocab)
+    valid = documents_in(np.concatenate([r for r, _, _ in unmasked_rows(data.valid)]), vocab)
+    assert not train & valid and train | valid == set(range(40))
+    expected_train, expected_valid = pretrain_task.split_document_indices(40, 0.2, seed=3)
+    assert train == set(expected_train.tolist()) and valid == set(expected_valid.tolist())
+
+
+def test_two_shards_read_disjoint_chunks_and_cover_the_training_documents(token_cache):
+    vocab, cache = token_cache
+    whole, _ = pretrain_task.split_token_cache(cache, vocab, settings())
+    shards = [pretrain_task.split_token_cache(cache, vocab, settings(), 2, k)[0] for k in (0, 1)]
+    chunks = [set(map(tuple, shard.chunks.tolist())) for shard in shards]
+    assert not chunks[0] & chunks[1]
+    assert chunks[0] | chunks[1] == set(map(tuple, whole.chunks.tolist()))
+    found = []
+    for k in (0, 1):
+        data = pretrain_task.make_pretraining_datasets(cache, vocab, settings(), 2, k)
+        found.append(documents_in(np.concatenate([r for r, _, _ in unmasked_rows(data.train)]),
+                                  vocab))
+        policy = data.train.options().experimental_distribute.auto_shard_policy
+        assert policy == tf.data.experimental.AutoShardPolicy.OFF
+    train_docs, _ = pretrain_task.split_document_indices(40, 0.2, seed=3)
+    assert not found[0] & found[1] and found[0] | found[1] == set(train_docs.tolist())
+
+
+@pytest.mark.parametrize("use_nsp", [False, True], ids=["packed", "nsp"])
+def test_steps_per_epoch_equal_the_batches_produced(token_cache, use_nsp):
+    vocab, cache = token_cache
+    data = pretrain_task.make_pretraining_datasets(cache, vocab,
+                                                   settings(batch_size=7, use_nsp=use_nsp))
+    for _ in range(2):
+        batches = unmasked_rows(data.train)
+        assert len(batches) == data.steps_per_epoch
+        assert sum(len(rows) for rows, _, _ in batches) == data.train_examples
+    assert data.train.cardinality().numpy() == data.steps_per_epoch
+    assert sum(len(rows) for rows, _, _ in unmasked_rows(data.valid)) == data.valid_examples
+
+
+def test_streamed_masks_change_between_epochs_but_validation_masks_do_not(token_cache):
+    vocab, cache = token_cache
+    data = pretrain_task.make_pretraining_datasets(cache, vocab, settings())
+
+    def masks_by_row(dataset) -> dict[bytes, bytes]:
+        return {row.tobytes(): np.sort(position).tobytes() for rows, positions, _ in
+                unmasked_rows(dataset) for row, position in zip(rows, positions)}
+
+    first, second = masks_by_row(data.train), masks_by_row(data.train)
+    assert first.keys() == second.keys()
+    assert sum(first[row] != second[row] for row in first) > len(first) // 2
+    epochs = [unmasked_rows(data.valid) for _ in range(2)]
+    for (rows, positions, _), (rows_again, positions_again, _) in zip(*epochs):
+        np.testing.assert_array_equal(rows, rows_again)
+        np.testing.assert_array_equal(positions, positions_again)
+
+
+def test_streamed_nsp_pairs_take_their_random_half_from_another_document_of_the_chunk(
+        token_cache):
+    vocab, cache = token_cache
+    train, _ = pretrain_task.split_token_cache(cache, vocab, settings(use_nsp=True))
+    whole = pretrain_task.split_documents(pretrain_task.read_corpus(cache, vocab), 0.2, 3)[0]
+    in_memory = pretrain_task.make_nsp_pairs(whole, STREAM_LENGTH, seed=0)
+    assert train.count_examples() == len(in_memory[2])
+    negatives = 0
+    for index, (first, last) in enumerate(train.chunks):
+        rows, segments, labels = train.chunk_examples(index)
+        for row, segment, label in zip(rows, segments, labels):
+            # a half may be the lone 。 cut off a long sentence, which belongs to no document
+            a, b = (documents_in(segment_words(row, segment, s), vocab) for s in (0, 1))
+            assert len(a) <= 1 and len(b) <= 1
+            assert all(first <= d < last for d in a | b)
+            if a and b:
+                assert (a == b) == bool(label)
+                negatives += not label
+    assert negatives >= 10

@@ -16,8 +16,9 @@ import run_directory
 
 
 def open_run(path, fingerprint=None, overwrite=False, test_run=False, kind="classifier"):
-    return run_directory.open_for_training(str(path), kind, fingerprint or {"data": "a", "test_mode": False},
-                                overwrite, test_run=test_run)
+    return run_directory.open_for_training(str(path), kind,
+                                           fingerprint or {"data": "a", "test_mode": False},
+                                           overwrite, test_run=test_run)
 
 
 def dead_pid() -> int:
@@ -34,8 +35,9 @@ def test_fresh_then_resume_then_refuse_other_settings(tmp_path):
     run, resuming = open_run(tmp_path / "r")
     assert resuming
     run.release()
-    with pytest.raises(run_directory.RunError, match=r"unfinished run made with other data or settings "
-                                          r"\(data differ\).*--overwrite=True"):
+    with pytest.raises(run_directory.RunError,
+                       match=r"unfinished run made with other data or settings "
+                             r"\(data differ\).*--overwrite=True"):
         open_run(tmp_path / "r", {"data": "b", "test_mode": False})
     assert not os.path.exists(tmp_path / "r" / run_directory.LOCK), "a refused run keeps no lock"
 
@@ -46,9 +48,11 @@ def test_a_finished_run_is_only_replaced_when_asked(tmp_path):
     (tmp_path / "r" / "my_notes.txt").write_text("mine")
     run.finish({"test_f1": 0.8123})
     run.release()
-    with pytest.raises(run_directory.RunError, match="holds a finished run .*test_f1 0.8123.*--overwrite"):
+    with pytest.raises(run_directory.RunError,
+                       match="holds a finished run .*test_f1 0.8123.*--overwrite"):
         open_run(tmp_path / "r")
-    with pytest.raises(run_directory.RunError, match="finished run"):  # a trial never replaces a real run
+    # a trial never replaces a real run
+    with pytest.raises(run_directory.RunError, match="finished run"):
         open_run(tmp_path / "r", {"data": "a", "test_mode": True}, test_run=True)
     assert json.load(open(tmp_path / "r" / run_directory.CONFIG)) == {"d_model": 32}
     run, resuming = open_run(tmp_path / "r", overwrite=True)
@@ -87,7 +91,8 @@ def test_the_lock_keeps_a_second_run_out_and_a_dead_holder_does_not(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (directory / run_directory.LOCK).write_text(f"{holder.pid} {socket.gethostname()}\n")
-        with pytest.raises(run_directory.RunError, match=f"in use by another run \\(PID {holder.pid}"):
+        with pytest.raises(run_directory.RunError,
+                           match=f"in use by another run \\(PID {holder.pid}"):
             open_run(directory)
     finally:
         holder.kill()
@@ -187,7 +192,8 @@ def test_checksums_catch_an_edited_file(tmp_path):
     done = run_directory.open_finished(str(tmp_path / "r"), "classifier", "--ckpt_dir")
     assert data_util.Vocabulary.load(done.verified(run_directory.VOCAB)).id_of("上海") == 6
     assert done.read_json_object(run_directory.DATA_CONFIG) == {"tokenize_style": "space"}
-    (tmp_path / "r" / run_directory.VOCAB).write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n上海\n北京\n")
+    (tmp_path / "r" / \
+     run_directory.VOCAB).write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n上海\n北京\n")
     with pytest.raises(run_directory.RunError, match="vocab.txt has changed since training"):
         done.verified(run_directory.VOCAB)
     with pytest.raises(run_directory.RunError, match="labels.txt is missing"):
@@ -211,8 +217,9 @@ def tiny_model() -> keras.Model:
 
 
 def fit(net, run, epochs, patience=0, restored=None, initial_epoch=0):
-    best = run_directory.BestEpoch(run, "loss", "min", lambda: run.save_weights(net, run_directory.CLASSIFIER_WEIGHTS),
-                        patience, restored)
+    best = run_directory.BestEpoch(run, "loss", "min",
+                                   lambda: run.save_weights(net, run_directory.CLASSIFIER_WEIGHTS),
+                                   patience, restored)
     x = np.random.default_rng(0).normal(size=(32, 3))
     # Unshuffled: a reordered sum shifts the mean loss in its last bits, which a frozen model
     # (learning rate 0) would otherwise count as an improvement.
@@ -224,7 +231,8 @@ def test_the_backup_restores_weights_optimizer_and_best_epoch(tmp_path):
     run, _ = open_run(tmp_path / "r")
     net = tiny_model()
     fit(net, run, epochs=2)
-    assert sorted(os.listdir(run.file(run_directory.BACKUP))) == ["epoch-0002.weights.h5", "state.json"]
+    assert sorted(os.listdir(run.file(run_directory.BACKUP))) == [
+                  "epoch-0002.weights.h5", "state.json"]
     again = tiny_model()
     done, ended, best = run_directory.restore(run, again, epochs=5)
     assert (done, ended) == (2, True) and best["best_epoch"] == 2
@@ -234,7 +242,8 @@ def test_the_backup_restores_weights_optimizer_and_best_epoch(tmp_path):
     history = run_directory.read_json_file(run.file(run_directory.HISTORY))
     assert [h["epoch"] for h in history] == [1, 2]
     fit(again, run, epochs=4, restored=best, initial_epoch=done)
-    assert [h["epoch"] for h in run_directory.read_json_file(run.file(run_directory.HISTORY))] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in run_directory.read_json_file(
+        run.file(run_directory.HISTORY))] == [1, 2, 3, 4]
     run.release()
 
 
@@ -243,7 +252,8 @@ def test_patience_stops_a_stalled_run_and_survives_a_resume(tmp_path):
     net = tiny_model()
     net.optimizer.learning_rate.assign(0.0)  # the loss cannot improve after epoch 1
     fit(net, run, epochs=10, patience=2)
-    assert [h["epoch"] for h in run_directory.read_json_file(run.file(run_directory.HISTORY))] == [1, 2, 3]
+    assert [h["epoch"] for h in run_directory.read_json_file(
+        run.file(run_directory.HISTORY))] == [1, 2, 3]
     done, ended, best = run_directory.restore(run, tiny_model(), epochs=10)
     assert (done, ended, best["best_epoch"]) == (3, True, 1)
     run.release()
@@ -256,7 +266,8 @@ def test_a_kill_between_checksum_and_rename_leaves_a_verifiable_file(tmp_path, m
     real_replace = os.replace
 
     def killed(source, target):
-        if target.endswith(run_directory.LABELS):  # SIGKILL after the manifest's update, before the rename
+        # SIGKILL after the manifest's update, before the rename
+        if target.endswith(run_directory.LABELS):
             raise KeyboardInterrupt
         real_replace(source, target)
 
@@ -268,5 +279,6 @@ def test_a_kill_between_checksum_and_rename_leaves_a_verifiable_file(tmp_path, m
     assert len(reopened.manifest["checksums"][run_directory.LABELS]) == 2, "both digests allowed"
     assert open(reopened.verified(run_directory.LABELS)).read() == "a\nb\n"
     run.finish({})
-    assert isinstance(run_directory.read_json_file(run.file(run_directory.MANIFEST))["checksums"][run_directory.LABELS], str)
+    assert isinstance(run_directory.read_json_file(run.file(run_directory.MANIFEST))[
+                      "checksums"][run_directory.LABELS], str)
     run.release()
