@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from .layers import PACKAGE, initializer
+from .layers import PACKAGE, initializer, with_layer_deserialized
 
 
 def one_hot_gather(sequence_output, positions):
@@ -67,10 +67,7 @@ class MaskedLMHead(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config: dict) -> "MaskedLMHead":
-        config = dict(config)
-        if isinstance(config["token_embedding"], dict):
-            config["token_embedding"] = keras.layers.deserialize(config["token_embedding"])
-        return cls(**config)
+        return cls(**with_layer_deserialized(config, "token_embedding"))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

@@ -7,6 +7,15 @@ from keras import ops
 PACKAGE = "bert_lm"
 
 
+def with_layer_deserialized(config: dict, key: str) -> dict:
+    """A copy of `config` whose nested layer `key` is re-created when it is a serialized dict,
+    or kept when a layer object was given (so that it is shared, as a tied embedding must be)."""
+    config = dict(config)
+    if isinstance(config[key], dict):
+        config[key] = keras.layers.deserialize(config[key])
+    return config
+
+
 def initializer(stddev: float) -> keras.initializers.Initializer:
     return keras.initializers.TruncatedNormal(stddev=stddev)
 

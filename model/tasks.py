@@ -9,7 +9,7 @@ from keras import ops
 from .backbone import (INPUT_NAMES, PAD_ID, backbone_features, backbone_inputs,
                        get_token_embedding, trim_padding)
 from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead
-from .layers import PACKAGE
+from .layers import PACKAGE, with_layer_deserialized
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -52,10 +52,7 @@ class PretrainingModel(keras.Model):
 
     @classmethod
     def from_config(cls, config: dict) -> "PretrainingModel":
-        config = dict(config)
-        if isinstance(config["backbone"], dict):
-            config["backbone"] = keras.layers.deserialize(config["backbone"])
-        return cls(**config)
+        return cls(**with_layer_deserialized(config, "backbone"))
 
 
 def build_pretraining_model(backbone: keras.Model, use_nsp: bool = False) -> keras.Model:

@@ -6,6 +6,7 @@ what a developer runs after every change. Slow tier (`--run_slow`): the scripts 
 subprocesses, sample-data builds, kill-and-resume and multi-replica runs; CI runs both.
 """
 import os
+import subprocess
 import sys
 
 import pytest
@@ -44,3 +45,11 @@ def sample_data(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("sample_data")
     ensure_sample_data(str(root))
     return str(root)
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The PID of a process that has just ended: a killed writer, for leftover-file tests."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid

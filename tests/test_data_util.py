@@ -244,12 +244,6 @@ def test_broken_cache_files_are_not_trusted(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- atomic writes
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def write_either(path: str, failure: BaseException | None = None) -> None:
     """An HDF5 cache (path ending in .h5) or a text file, raising `failure` half-way through."""
     def fail() -> None:
@@ -285,8 +279,8 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, nam
 
 
 @BOTH
-def test_a_dead_writers_leftover_is_swept_and_a_live_ones_kept(tmp_path, name):
-    dead = tmp_path / f".tmp-{dead_pid()}-{name}"
+def test_a_dead_writers_leftover_is_swept_and_a_live_ones_kept(tmp_path, name, dead_pid):
+    dead = tmp_path / f".tmp-{dead_pid}-{name}"
     alive = tmp_path / f".tmp-1-{name}"  # PID 1 lives as long as the machine
     dead.write_bytes(b"half")
     alive.write_bytes(b"being written")

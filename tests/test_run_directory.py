@@ -21,12 +21,6 @@ def open_run(path, fingerprint=None, overwrite=False, test_run=False, kind="clas
                                            overwrite, test_run=test_run)
 
 
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def test_fresh_then_resume_then_refuse_other_settings(tmp_path):
     run, resuming = open_run(tmp_path / "r")
     assert not resuming and json.load(open(run.file(run_directory.MANIFEST)))["status"] == "running"
@@ -85,7 +79,7 @@ def test_files_of_an_unknown_run_are_refused(tmp_path):
         open_run(tmp_path / "file")
 
 
-def test_the_lock_keeps_a_second_run_out_and_a_dead_holder_does_not(tmp_path):
+def test_the_lock_keeps_a_second_run_out_and_a_dead_holder_does_not(tmp_path, dead_pid):
     directory = tmp_path / "r"
     directory.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -97,17 +91,17 @@ def test_the_lock_keeps_a_second_run_out_and_a_dead_holder_does_not(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    (directory / run_directory.LOCK).write_text(f"{dead_pid()} {socket.gethostname()}\n")
+    (directory / run_directory.LOCK).write_text(f"{dead_pid} {socket.gethostname()}\n")
     run, _ = open_run(directory)
     assert (directory / run_directory.LOCK).read_text().split()[0] == str(os.getpid())
     run.release()
     assert not (directory / run_directory.LOCK).exists()
 
 
-def test_leftover_temporaries_of_dead_writers_are_swept(tmp_path):
+def test_leftover_temporaries_of_dead_writers_are_swept(tmp_path, dead_pid):
     directory = tmp_path / "r"
     (directory / run_directory.BACKUP).mkdir(parents=True)
-    dead = directory / run_directory.BACKUP / f".tmp-{dead_pid()}-epoch-0001.weights.h5"
+    dead = directory / run_directory.BACKUP / f".tmp-{dead_pid}-epoch-0001.weights.h5"
     alive = directory / f".tmp-{os.getpid()}-vocab.txt"
     dead.write_bytes(b"half")
     alive.write_text("being written")
@@ -159,7 +153,7 @@ def test_a_failed_write_names_the_artefact_and_says_a_rerun_resumes(tmp_path, mo
     run.release()
 
 
-def test_a_directory_is_swapped_in_whole(tmp_path):
+def test_a_directory_is_swapped_in_whole(tmp_path, dead_pid):
     export = str(tmp_path / "export")
 
     def saved_model(version, then_fail=False):
@@ -174,7 +168,7 @@ def test_a_directory_is_swapped_in_whole(tmp_path):
     def version():
         return open(os.path.join(export, "saved_model.pb")).read()
 
-    (tmp_path / f".tmp-{dead_pid()}-export").mkdir()  # a killed export's leftover
+    (tmp_path / f".tmp-{dead_pid}-export").mkdir()  # a killed export's leftover
     data_util.write_directory_atomically(export, saved_model("1"))
     data_util.write_directory_atomically(export, saved_model("2"))
     assert version() == "2" and os.listdir(tmp_path) == ["export"]
