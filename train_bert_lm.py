@@ -75,7 +75,7 @@ def main(_):
         cli.run_fingerprint({"corpus": corpus_file}, tokenize=style, model_preset=preset))
 
     # ---------------------------------------------------------------------- data
-    cache_dir = FLAGS.cache_dir or os.path.join(
+    cache_dir = cli.worker_cache_dir(run, strategy) or FLAGS.cache_dir or os.path.join(
         os.path.dirname(os.path.abspath(corpus_file)), "cache")
     if FLAGS.test_mode:
         corpus_file = data_util.copy_first_lines(corpus_file, 3000,
