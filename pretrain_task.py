@@ -324,6 +324,10 @@ def _masked(batches: tf.data.Dataset, vocab_size: int, mask_rate: float, max_pre
 
 
 # ------------------------------------------------------------------ the token cache, streamed
+# Under several workers a shard gets about this many chunks (smaller ones for a small corpus).
+CHUNKS_PER_SHARD = 8
+
+
 @dataclass(frozen=True)
 class PretrainingSettings:
     """The plain values the streamed examples depend on (train_bert_lm.py's flags).
@@ -431,10 +435,15 @@ def split_token_cache(cache_file: str, vocab: data_util.Vocabulary,
     _check_documents(cache_file, num_documents)
     train_docs, valid_docs = split_document_indices(num_documents, settings.valid_fraction,
                                                     settings.seed)
-    chunks = chunk_rows(offsets, settings.chunk_tokens)
+    chunk_tokens = settings.chunk_tokens
+    if num_shards > 1:
+        # several chunks a shard, so that the shards come out close in size
+        chunk_tokens = min(chunk_tokens,
+                           max(1, int(offsets[-1]) // (num_shards * CHUNKS_PER_SHARD)))
+    chunks = chunk_rows(offsets, chunk_tokens)
     if len(chunks) < num_shards:
         raise data_util.DataError(
-            f"{cache_file}: {len(chunks)} chunks of at most {settings.chunk_tokens} tokens "
+            f"{cache_file}: {len(chunks)} chunks of at most {chunk_tokens} tokens "
             f"cannot feed {num_shards} shards; use fewer workers or smaller chunks")
 
     def split(documents: np.ndarray, nsp_seed: int) -> CacheSplit:

@@ -22,6 +22,7 @@ import os
 import warnings
 
 import keras
+import tensorflow as tf
 from absl import app, flags
 
 import data_util_hdf5 as data_util
@@ -86,8 +87,7 @@ def main(_):
     run.write(run_directory.VOCAB, vocab.save)
     run.write_json(run_directory.DATA_CONFIG, {"tokenize_style": style, "vocab_size": len(vocab),
                                                "sequence_length_lm": FLAGS.sequence_length_lm})
-    data = make_datasets(cache, vocab)
-    train_ds, valid_ds, steps = data.train, data.valid, data.steps_per_epoch
+    train_ds, valid_ds, steps = make_datasets(cache, vocab, strategy)
     print(f"pretraining: {steps} steps an epoch, {epochs} epochs, vocabulary {len(vocab)}")
 
     # --------------------------------------------------------------------- model
@@ -134,24 +134,36 @@ def main(_):
                             seconds=timer.seconds(), ckpt_dir=run.path)
 
 
-def make_datasets(cache: str, vocab: data_util.Vocabulary, num_shards: int = 1,
-                  shard_index: int = 0) -> pretrain_task.PretrainingData:
-    """This worker's batches, streamed from the token cache a chunk at a time (memory does not
-    grow with the corpus). --batch_size is the global batch: each of `num_shards` workers reads
-    only its own shard of the documents, in batches of --batch_size / num_shards, and
-    `steps_per_epoch` counts that shard's batches."""
-    if FLAGS.batch_size % num_shards:
-        cli.fail(f"--batch_size={FLAGS.batch_size} must be a multiple of the {num_shards} "
-                 "workers, so that each reads the same share of a step")
+def make_datasets(cache: str, vocab: data_util.Vocabulary, strategy: tf.distribute.Strategy):
+    """(training batches, validation batches, steps an epoch), streamed from the token cache a
+    chunk at a time (memory does not grow with the corpus). --batch_size is the global batch.
+    Under several workers each reads only its own shard of the documents, in per-replica
+    batches, and every worker runs the smallest shard's number of steps."""
+    workers, index = train_util.worker_shard(strategy)
+    replicas = strategy.num_replicas_in_sync if workers > 1 else 1
+    if FLAGS.batch_size % replicas:
+        cli.fail(f"--batch_size={FLAGS.batch_size} must be a multiple of the {replicas} "
+                 "replicas, so that each reads the same share of a step")
     settings = pretrain_task.PretrainingSettings(
-        sequence_length=FLAGS.sequence_length_lm, batch_size=FLAGS.batch_size // num_shards,
+        sequence_length=FLAGS.sequence_length_lm, batch_size=FLAGS.batch_size // replicas,
         mask_rate=FLAGS.mask_rate, valid_fraction=FLAGS.valid_fraction, seed=FLAGS.seed,
         use_nsp=FLAGS.use_nsp)
-    data = pretrain_task.make_pretraining_datasets(cache, vocab, settings, num_shards,
-                                                   shard_index)
+    data = pretrain_task.make_pretraining_datasets(cache, vocab, settings, workers, index)
     print(f"{data.train_examples} training and {data.valid_examples} validation sequences of "
-          f"{FLAGS.sequence_length_lm} tokens")
-    return data
+          f"{FLAGS.sequence_length_lm} tokens" + (f" in shard {index} of {workers}"
+                                                  if workers > 1 else ""))
+    if workers == 1:
+        return data.train, data.valid, data.steps_per_epoch
+    steps = train_util.agreed_minimum(strategy, data.steps_per_epoch)
+    if steps < data.steps_per_epoch:
+        print(f"shard {index}: each epoch takes {steps} of its {data.steps_per_epoch} batches, "
+              "as many as the smallest shard has (its chunks come in a new order every epoch, "
+              "so other batches are left out each time)")
+    valid_steps = train_util.agreed_minimum(
+        strategy, -(-data.valid_examples // settings.batch_size))
+    train = strategy.distribute_datasets_from_function(lambda _: data.train.take(steps))
+    valid = strategy.distribute_datasets_from_function(lambda _: data.valid.take(valid_steps))
+    return train, valid, steps
 
 
 if __name__ == "__main__":

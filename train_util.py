@@ -70,6 +70,33 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return strategy.is_chief() if isinstance(strategy, MultiWorkerStrategy) else True
 
 
+def worker_shard(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """(workers, this worker's index): each worker reads shard `index` of `workers` of the data.
+    (1, 0) unless several workers; the chief, when the cluster names one, is worker 0."""
+    if not isinstance(strategy, MultiWorkerStrategy):
+        return 1, 0
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict()
+    chiefs = len(spec.get("chief", []))
+    index = 0 if resolver.task_type == "chief" else resolver.task_id + chiefs
+    return chiefs + len(spec.get("worker", [])), index
+
+
+def agreed_minimum(strategy: tf.distribute.Strategy, value: int) -> int:
+    """The smallest of every worker's `value`, known to all (one all-reduce): a synchronous
+    strategy needs the same number of steps on every worker, and shards differ by a few."""
+    workers, index = worker_shard(strategy)
+    if workers == 1:
+        return value
+    local_replicas = strategy.num_replicas_in_sync // workers
+    mine = np.zeros(workers, np.float32)
+    mine[index] = value / local_replicas
+    # in a tf.function: run eagerly, a multi-worker strategy warns of its overhead
+    summed = tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.constant(mine)),
+                                                 axis=None))()
+    return int(round(float(tf.reduce_min(summed))))
+
+
 def split_cpu_for_testing(count: int) -> None:
     """Expose `count` logical CPU devices (to try MirroredStrategy on a machine without GPUs)."""
     cpu = tf.config.list_physical_devices("CPU")[0]
