@@ -405,7 +405,6 @@ def copy_first_lines(source: str, num_lines: int, target: str, encoding: str = "
                     break
                 copy.write(line + "\n")
 
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     write_file_atomically(target, write)
     return target
 

@@ -270,11 +270,9 @@ def open_for_worker(path: str, kind: str, fingerprint: dict, overwrite: bool) ->
     manifest = read_json_file(os.path.join(path, MANIFEST), None) \
         if os.path.isfile(os.path.join(path, MANIFEST)) else None
     fingerprint = json.loads(json.dumps(fingerprint))
-    resumes = isinstance(manifest, dict) and manifest.get("kind") == kind \
-        and manifest.get("status") != "finished" \
-        and manifest.get("fingerprint") == fingerprint and not overwrite
-    if resumes and os.path.isdir(os.path.join(path, BACKUP)):
-        shutil.copytree(os.path.join(path, BACKUP), os.path.join(scratch, BACKUP))
+    backup = os.path.join(path, BACKUP)
+    if _resumes(manifest, kind, fingerprint, overwrite) and os.path.isdir(backup):
+        shutil.copytree(backup, os.path.join(scratch, BACKUP))
     run = Run(scratch, kind, {})
     _start(run, fingerprint)
     return run
@@ -330,6 +328,14 @@ def _read_lock(lock: str) -> str | None:
     return pid if data_util.process_alive(int(pid)) and int(pid) != os.getpid() else None
 
 
+def _resumes(manifest, kind: str, fingerprint: dict, overwrite: bool) -> bool:
+    """Whether a run directory with this manifest resumes: an unfinished run of this kind made
+    with the same fingerprint, and no --overwrite."""
+    return isinstance(manifest, dict) and manifest.get("kind") == kind \
+        and manifest.get("status") != "finished" \
+        and manifest.get("fingerprint") == fingerprint and not overwrite
+
+
 def _decide(run: Run, fingerprint: dict, overwrite: bool, flag: str, test_run: bool) -> bool:
     try:
         manifest = read_json_file(run.file(MANIFEST))
@@ -337,10 +343,7 @@ def _decide(run: Run, fingerprint: dict, overwrite: bool, flag: str, test_run: b
         manifest = "damaged"
     leftovers = [name for name in os.listdir(run.path)
                  if name in ARTEFACTS or name in ARTEFACT_DIRS]
-    if isinstance(manifest, dict) and manifest.get("kind") == run.kind \
-            and manifest.get("status") != "finished" \
-            and manifest.get("fingerprint") == fingerprint \
-            and not overwrite:
+    if _resumes(manifest, run.kind, fingerprint, overwrite):
         run.manifest = manifest
         return True
     earlier_trial = isinstance(manifest, dict) and manifest.get("kind") == run.kind \
