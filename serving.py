@@ -99,13 +99,6 @@ def chosen_names(probabilities: tf.Tensor, chosen: tf.Tensor, labels: list[str])
     return tf.ragged.boolean_mask(names, keep).to_tensor(default_value="")
 
 
-def thresholds_or_half(thresholds: np.ndarray | None, num_labels: int) -> np.ndarray:
-    """The decision thresholds as model.predict_labels uses them: None means 0.5 for all."""
-    if thresholds is None:
-        return np.full(num_labels, 0.5)
-    return np.asarray(thresholds, np.float64)
-
-
 def export_classifier(classifier: keras.Model, export_dir: str, vocab: data_util.Vocabulary,
                       labels: list[str], tokenize_style: str, sequence_length: int,
                       thresholds: np.ndarray | None = None) -> None:
@@ -114,7 +107,7 @@ def export_classifier(classifier: keras.Model, export_dir: str, vocab: data_util
     if tokenize_style not in data_util.TOKENIZE_STYLES:
         raise data_util.DataError(f"tokenize_style {tokenize_style!r} is not one of "
                                   f"{', '.join(data_util.TOKENIZE_STYLES)}")
-    cut = thresholds_or_half(thresholds, len(labels))
+    cut = model.decision_thresholds(thresholds, len(labels))
     table = vocabulary_table(vocab)
 
     def serve_token_ids(token_ids):

@@ -9,5 +9,6 @@ from .layers import Embeddings, Pooler, SelfAttention, TextCNNEncoder, Transform
 from .tasks import (MaskedLMAccuracy, PretrainingModel, build_classifier, build_pretraining_model,
                     compile_classifier, compile_pretraining_model, masked_lm_loss,
                     multilabel_loss, predict_logits, set_label_priors)
-from .multilabel import (f1_scores, mean_loss, per_label_report, predict_labels,
-                         predict_probabilities, sigmoid, split_scores, tune_thresholds)
+from .multilabel import (decision_thresholds, f1_scores, mean_loss, per_label_report,
+                         predict_labels, predict_probabilities, sigmoid, split_scores,
+                         tune_thresholds)

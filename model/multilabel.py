@@ -22,10 +22,17 @@ def predict_probabilities(classifier: keras.Model, token_ids: np.ndarray,
     return sigmoid(predict_logits(classifier, token_ids, batch_size))
 
 
+def decision_thresholds(thresholds: np.ndarray | None, num_labels: int) -> np.ndarray:
+    """Per-label thresholds, float64 [num_labels]; None means the original's 0.5 for all."""
+    if thresholds is None:
+        return np.full(num_labels, 0.5)
+    return np.asarray(thresholds, np.float64)
+
+
 def predict_labels(probabilities: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
     """Every label whose probability reaches its threshold, or the single label closest to its
     threshold when none does. thresholds None: 0.5 for every label, the original's rule."""
-    cut = np.full(probabilities.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
+    cut = decision_thresholds(thresholds, probabilities.shape[1])
     predicted = (probabilities >= cut).astype(np.uint8)
     empty = predicted.sum(axis=1) == 0
     predicted[empty, (probabilities[empty] - cut).argmax(axis=1)] = 1
@@ -72,7 +79,7 @@ def per_label_report(gold: np.ndarray, probabilities: np.ndarray, names: list[st
     predicted = predict_labels(probabilities, thresholds)
     precision, recall, f1, support = precision_recall_fscore_support(
         gold, predicted, labels=list(range(len(names))), zero_division=0)
-    cut = np.full(len(names), 0.5) if thresholds is None else thresholds
+    cut = decision_thresholds(thresholds, len(names))
     return [{"label": n, "threshold": float(t), "precision": float(p), "recall": float(r),
              "f1": float(f), "support": int(s)}
             for n, t, p, r, f, s in zip(names, cut, precision, recall, f1, support)]

@@ -218,7 +218,7 @@ def test_the_graph_decision_rule_is_predict_labels():
     probabilities[:20] = thresholds.astype(np.float32)
     for cut in (thresholds, None):
         chosen = serving.choose(tf.constant(probabilities),
-                                serving.thresholds_or_half(cut, len(thresholds)))
+                                model.decision_thresholds(cut, len(thresholds)))
         assert (chosen.numpy() == model.predict_labels(probabilities, cut).astype(bool)).all()
 
 
