@@ -434,7 +434,10 @@ def restore(run: Run, model: keras.Model, epochs: int) -> tuple[int, bool, dict]
     state = read_json_file(os.path.join(run.file(BACKUP), "state.json"), {})
     if not state.get("weights"):
         return 0, False, {}
-    model.optimizer.build(model.trainable_variables)
+    # the optimizer's slots belong to the strategy the model was built under, whatever scope
+    # the caller is in now (the classifier scripts restore outside theirs)
+    with model.distribute_strategy.scope():
+        model.optimizer.build(model.trainable_variables)
     try:
         model.load_weights(os.path.join(run.file(BACKUP), state["weights"]))
     except (OSError, ValueError) as error:

@@ -241,6 +241,20 @@ def test_the_backup_restores_weights_optimizer_and_best_epoch(tmp_path):
     run.release()
 
 
+def test_a_model_built_under_a_strategy_restores_outside_its_scope(tmp_path):
+    """The classifier scripts build under strategy.scope() and restore after leaving it; the
+    optimizer's slots must still be made under the model's own strategy."""
+    import tensorflow as tf
+
+    run, _ = open_run(tmp_path / "r")
+    fit(tiny_model(), run, epochs=1)
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        again = tiny_model()
+    done, _, _ = run_directory.restore(run, again, epochs=3)
+    assert done == 1 and int(again.optimizer.iterations.numpy()) > 0
+    run.release()
+
+
 def test_patience_stops_a_stalled_run_and_survives_a_resume(tmp_path):
     run, _ = open_run(tmp_path / "r")
     net = tiny_model()
