@@ -937,13 +937,30 @@ def _write_classification_split(group: h5py.Group, source: str, vocab: Vocabular
               "those examples are kept with their known labels", file=sys.stderr)
 
 
-def read_classification_split(cache_file: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids int32 [N, T], labels uint8 [N, L]) of one split of a classification cache."""
+def read_classification_split(cache_file: str, split: str,
+                              width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int32 [N, T], labels uint8 [N, L]) of one split of a classification cache;
+    with `width`, only the first `width` columns of the ids (the rows truncated to it)."""
     with h5py.File(cache_file, "r") as h5:
-        if split not in h5:
-            raise DataError(f"{cache_file}: no split {split!r} (has {', '.join(h5.keys())}); "
-                            "pass the matching data file flag")
-        return h5[split]["input_ids"][:], h5[split]["labels"][:]
+        group = _classification_split(h5, cache_file, split)
+        return group["input_ids"][:, :width], group["labels"][:]
+
+
+def classification_lengths(cache_file: str, split: str) -> np.ndarray:
+    """int [N]: the real ([CLS] + tokens, no padding) length of each row of one split, read in
+    blocks so that memory does not hold the split's ids."""
+    with h5py.File(cache_file, "r") as h5:
+        ids = _classification_split(h5, cache_file, split)["input_ids"]
+        return np.concatenate([np.sum(ids[start:start + _RowWriter.BLOCK] != PAD_ID, axis=1)
+                               for start in range(0, len(ids), _RowWriter.BLOCK)] or
+                              [np.zeros(0, np.int64)])
+
+
+def _classification_split(h5: h5py.File, cache_file: str, split: str) -> h5py.Group:
+    if split not in h5:
+        raise DataError(f"{cache_file}: no split {split!r} (has {', '.join(h5.keys())}); "
+                        "pass the matching data file flag")
+    return h5[split]
 
 
 # ----------------------------------------------------------------------------- token cache

@@ -65,15 +65,18 @@ def main(_):
         cli.fail(f"--tokenize_style={FLAGS.tokenize_style} differs from the pretraining run's "
                  f"'{style}' ({pretrained.file(run_directory.DATA_CONFIG)}); drop the flag")
     # checked before tokenizing, so that a bad length does not wait for the data
-    model.ModelConfig.from_json(pretrained.verified(run_directory.CONFIG)).check_sequence_length(
-        FLAGS.sequence_length)
+    pretrained_config = model.ModelConfig.from_json(pretrained.verified(run_directory.CONFIG))
+    max_position = pretrained_config.max_position
+    if FLAGS.sequence_length:
+        model.check_sequence_length(FLAGS.sequence_length, max_position)
     vocab = data_util.Vocabulary.load(pretrained.verified(run_directory.VOCAB))
     run, files = cli.open_classifier_run(strategy, cli.classifier_data_files(),
                                          pretrained=pretrained.manifest.get("checksums"))
     settings = cli.classifier_settings(cli.worker_cache_dir(run, strategy))
 
     # ---------------------------------------------------------------------- data
-    data = classifier_task.load_data(files, style, settings, vocab=vocab)
+    data = classifier_task.load_data(files, style, settings, vocab=vocab,
+                                     max_sequence_length=max_position)
     epochs = cli.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
 
     # --------------------------------------------------------------------- model
@@ -83,8 +86,8 @@ def main(_):
             pretrained.verified(run_directory.BACKBONE_WEIGHTS),
             expected_vocab_size=len(vocab), dropout=settings.dropout)
         classifier = classifier_task.build_and_compile(
-            backbone, len(data.labels), epochs * data.steps_per_epoch(), settings,
-            data.label_frequencies(), FLAGS.backbone_lr_scale, FLAGS.freeze_backbone)
+            backbone, data, len(data.labels), epochs * data.steps_per_epoch(), settings,
+            FLAGS.backbone_lr_scale, FLAGS.freeze_backbone)
     classifier_task.save_run_files(run, data, config, settings)
     start = classifier_task.evaluate(classifier, data, "valid")
     print(f"before fine-tuning: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f} "

@@ -11,7 +11,10 @@ Writes the same run directory as train_bert_fine_tuning.py (predict.py reads eit
 """
 import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
 
+import dataclasses
+
 import numpy as np
+
 from absl import app, flags
 
 import classifier_task
@@ -33,21 +36,23 @@ def main(_):
     if FLAGS.toy_task:
         return run_toy_task(strategy, preset, timer, cli.classifier_settings())
     # checked before tokenizing, so that a bad length does not wait for the data
-    model.check_sequence_length(FLAGS.sequence_length, FLAGS.max_position)
+    if FLAGS.sequence_length:
+        model.check_sequence_length(FLAGS.sequence_length, FLAGS.max_position)
     run, files = cli.open_classifier_run(strategy, cli.classifier_data_files())
     settings = cli.classifier_settings(cli.worker_cache_dir(run, strategy))
 
     # ---------------------------------------------------------------------- data
     data = classifier_task.load_data(files, FLAGS.tokenize_style or "space", settings,
-                                     vocab_size=FLAGS.vocab_size)
+                                     vocab_size=FLAGS.vocab_size,
+                                     max_sequence_length=FLAGS.max_position)
     epochs = cli.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
 
     # --------------------------------------------------------------------- model
     config = cli.config_from_flags(len(data.vocab), preset)
     with strategy.scope():
         classifier = classifier_task.build_and_compile(
-            model.build_backbone(config), len(data.labels), epochs * data.steps_per_epoch(),
-            settings, data.label_frequencies())
+            model.build_backbone(config), data, len(data.labels),
+            epochs * data.steps_per_epoch(), settings)
     classifier_task.save_run_files(run, data, config, settings)
     start = classifier_task.evaluate(classifier, data, "valid")
     print(f"before training: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f}")
@@ -73,10 +78,12 @@ def run_toy_task(strategy, preset: str, timer: train_util.Timer,
     config = cli.config_from_flags(classifier_task.TOY_VOCAB_SIZE, preset)
     steps_per_epoch = -(-len(train_x) // settings.batch_size)
     epochs = cli.epochs_to_run(test_mode_default=10, steps_per_epoch=steps_per_epoch)
+    # the backbone alone: counting 1s is what a bag of words would do for it
+    settings = dataclasses.replace(settings, bag_of_words=False)
     with strategy.scope():
         classifier = classifier_task.build_and_compile(
-            model.build_backbone(config), 1, epochs * steps_per_epoch, settings,
-            train_y.mean(axis=0))
+            model.build_backbone(config), None, 1, epochs * steps_per_epoch, settings)
+    model.set_label_priors(classifier, train_y.mean(axis=0))
     classifier.fit(model.backbone_features(train_x), train_y,
                    batch_size=settings.batch_size, epochs=epochs,
                    validation_data=(model.backbone_features(test_x), test_y),

@@ -41,12 +41,11 @@ SEEDS = (42, 43, 44)
 MODELS = ("fasttext", "tfidf_lr", "textcnn_scratch", "textcnn_pretrained",
           "transformer_scratch", "transformer_pretrained")
 
-# What the README figures use. Sequence lengths cover most lines of the short tasks (entities
-# paragraphs average 58 tokens, reviews fewer); mentions documents (289 on average) are cut at
-# 200, the original's length. The pretrained arm passes no training flag at all: its figures are
-# those of the fine-tuning script's defaults.
+# What the README figures use. The scripts choose the sequence length (None: no flag), and the
+# pretrained arm passes no training flag at all: its figures are those of the fine-tuning
+# script's defaults.
 FULL = {
-    "sequence_length": {"sentiment": 64, "entities": 80, "mentions": 200},
+    "sequence_length": {"sentiment": None, "entities": None, "mentions": None},
     "pretrain_lines": None,
     "full_lines": None,
     "pretrain": {"textcnn": ["--preset=small", "--num_epochs=3", "--learning_rate=1e-3",
@@ -234,10 +233,10 @@ def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bo
 def run_one(kind: str, backbone: str, task: str, budget: str, files: dict, settings: dict,
             pretrained_dir: str | None, seed: int, lr: float | None) -> dict:
     """One training run through the user's script; its scores and validation curve."""
+    length = settings["sequence_length"][task]
     common = [f"--training_data_file={files['train']}", f"--valid_data_file={files['valid']}",
-              f"--test_data_file={files['test']}",
-              f"--sequence_length={settings['sequence_length'][task]}",
-              f"--batch_size={settings['batch_size']}", f"--seed={seed}"]
+              f"--test_data_file={files['test']}", f"--batch_size={settings['batch_size']}",
+              f"--seed={seed}"] + ([f"--sequence_length={length}"] if length else [])
     tag = f"{kind}_seed{seed}" + (f"_lr{lr:g}" if lr else "")
     run_dir = os.path.join(WORK, task, budget, tag)
     start = time.time()

@@ -1,14 +1,17 @@
 """Swappable backbones (Transformer, TextCNN), heads and task models. See DESIGN.md's contract."""
-from .backbone import (INPUT_NAMES, PAD_ID, backbone_features, backbone_inputs, build_backbone,
-                       get_token_embedding, pad_to_multiple, trim_padding)
+from .backbone import (FIRST_WORD_ID, INPUT_NAMES, PAD_ID, WIDTH_MULTIPLE, backbone_features,
+                       backbone_inputs, build_backbone, get_token_embedding, pad_to_multiple,
+                       trim_padding)
 from .config import (BACKBONES, PRESETS, ConfigError, ModelConfig, check_sequence_length,
                      config_from_preset)
-from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead, one_hot_gather
+from .heads import (BagOfWordsLogits, MaskedLMHead, MultiLabelHead, NextSentenceHead,
+                    one_hot_gather)
 from .io import BackboneMismatchError, load_backbone
 from .layers import Embeddings, Pooler, SelfAttention, TextCNNEncoder, TransformerBlock
 from .tasks import (MaskedLMAccuracy, PretrainingModel, build_classifier, build_pretraining_model,
                     compile_classifier, compile_pretraining_model, masked_lm_loss,
-                    multilabel_loss, predict_logits, set_label_priors)
+                    multilabel_loss, predict_logits, set_document_frequencies,
+                    set_label_priors)
 from .multilabel import (decision_thresholds, f1_scores, mean_loss, per_label_report,
                          predict_labels, predict_probabilities, sigmoid, split_scores,
                          tune_thresholds)

@@ -9,6 +9,7 @@ from .layers import Embeddings, Pooler, TextCNNEncoder, TransformerBlock
 
 INPUT_NAMES = ("token_ids", "segment_ids", "padding_mask")
 PAD_ID = 0  # the data layer's padding id; every other id is a real position
+FIRST_WORD_ID = 5  # the data layer's ids below this are [PAD] [UNK] [CLS] [SEP] [MASK]
 
 
 def backbone_features(token_ids, segment_ids=None) -> dict:

@@ -1,9 +1,11 @@
-"""Heads: masked LM (one-hot gather + tied output embedding), next sentence, multi-label."""
+"""Heads: masked LM (one-hot gather + tied output embedding), next sentence, multi-label, and a
+bag-of-words linear model the multi-label classifier may add to its head."""
 from __future__ import annotations
 
 import keras
 from keras import ops
 
+from .backbone import FIRST_WORD_ID
 from .layers import PACKAGE, initializer, with_layer_deserialized
 
 
@@ -122,3 +124,47 @@ class MultiLabelHead(keras.layers.Layer):
     def get_config(self) -> dict:
         return {**super().get_config(), "d_model": self.d_model, "num_labels": self.num_labels,
                 "dropout": self.dropout, "initializer_range": self.initializer_range}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BagOfWordsLogits(keras.layers.Layer):
+    """A linear model over the text's TF-IDF vector, one logit per label: what TF-IDF + logistic
+    regression computes, inside the classifier and trained with it.
+
+    Each word's value is (1 + ln tf) * idf, the vector is L2-normalised (scikit-learn's
+    `TfidfVectorizer(sublinear_tf=True)`), and the logits are its product with a [vocab, labels]
+    kernel that starts at zero. [PAD], [UNK] and the other special ids are left out. `idf` is a
+    non-trainable weight set from the training split (`set_document_frequencies`), so it is
+    saved and restored with the model.
+    Call: `token_ids [B,T]` -> `[B, num_labels]`.
+    """
+
+    def __init__(self, vocab_size: int, num_labels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.num_labels = vocab_size, num_labels
+
+    def build(self, token_ids_shape):
+        self.kernel = self.add_weight(shape=(self.vocab_size, self.num_labels),
+                                      initializer="zeros", name="kernel")
+        self.idf = self.add_weight(shape=(self.vocab_size,), initializer="ones", trainable=False,
+                                   name="idf")
+        self.built = True
+
+    def call(self, token_ids):
+        words = ops.cast(token_ids >= FIRST_WORD_ID, "float32")
+        # how often each position's word occurs in its row: [B,T,T] comparisons, cheap beside
+        # the backbone at the lengths a classifier reads
+        same = ops.cast(ops.expand_dims(token_ids, 2) == ops.expand_dims(token_ids, 1), "float32")
+        counts = ops.maximum(ops.sum(same * ops.expand_dims(words, 1), axis=-1), 1.0)
+        # spread a word's (1 + ln tf) * idf over its tf occurrences
+        value = words * (1.0 + ops.log(counts)) / counts * ops.take(self.idf, token_ids)
+        norm = ops.sqrt(ops.sum(value * value * counts, axis=1, keepdims=True))
+        weights = value / ops.maximum(norm, 1e-6)
+        return ops.einsum("bt,btl->bl", weights, ops.take(self.kernel, token_ids, axis=0))
+
+    def compute_output_shape(self, token_ids_shape):
+        return (token_ids_shape[0], self.num_labels)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "vocab_size": self.vocab_size,
+                "num_labels": self.num_labels}

@@ -8,7 +8,7 @@ from keras import ops
 
 from .backbone import (INPUT_NAMES, PAD_ID, backbone_features, backbone_inputs,
                        get_token_embedding, trim_padding)
-from .heads import MaskedLMHead, MultiLabelHead, NextSentenceHead
+from .heads import BagOfWordsLogits, MaskedLMHead, MultiLabelHead, NextSentenceHead
 from .layers import PACKAGE, with_layer_deserialized
 
 
@@ -60,14 +60,35 @@ def build_pretraining_model(backbone: keras.Model, use_nsp: bool = False) -> ker
     return PretrainingModel(backbone, use_nsp, name="pretraining_model")
 
 
-def build_classifier(backbone: keras.Model, num_labels: int, dropout: float) -> keras.Model:
-    """Backbone inputs -> one logit per label [B, num_labels] (sigmoid for probabilities)."""
+def build_classifier(backbone: keras.Model, num_labels: int, dropout: float,
+                     bag_of_words: bool = False) -> keras.Model:
+    """Backbone inputs -> one logit per label [B, num_labels] (sigmoid for probabilities).
+
+    With `bag_of_words` the logits are the head's on the pooled output plus a linear model over
+    the text's TF-IDF vector (BagOfWordsLogits; set its idf with set_document_frequencies): the
+    pooled vector has d_model numbers for hundreds of labels, while a linear model reads every
+    word of the vocabulary, so each covers what the other misses.
+    """
     inputs = backbone_inputs()
     pooled = backbone(inputs)["pooled_output"]
     embeddings = backbone.get_layer("embeddings")
     logits = MultiLabelHead(embeddings.d_model, num_labels, dropout, embeddings.initializer_range,
                             name="classifier_head")(pooled)
+    if bag_of_words:
+        logits = logits + BagOfWordsLogits(embeddings.vocab_size, num_labels,
+                                           name="bag_of_words")(inputs["token_ids"])
     return keras.Model(inputs, logits, name="classifier")
+
+
+def set_document_frequencies(classifier: keras.Model, token_ids: np.ndarray) -> None:
+    """Set the bag-of-words idf from training rows [N,T]: ln((1 + N) / (1 + df)) + 1, where df
+    is the number of rows holding the word (scikit-learn's smoothed idf)."""
+    layer = classifier.get_layer("bag_of_words")
+    ordered = np.sort(token_ids, axis=1)
+    first = np.ones_like(ordered, bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]  # each word once a row
+    df = np.bincount(ordered[first], minlength=layer.vocab_size)[:layer.vocab_size]
+    layer.idf.assign((np.log((1 + len(token_ids)) / (1 + df)) + 1).astype(np.float32))
 
 
 def predict_logits(classifier: keras.Model, token_ids: np.ndarray, batch_size: int) -> np.ndarray:

@@ -202,6 +202,22 @@ def test_classification_cache_contents(task, capsys):
         data_util.read_classification_split(path, "test")
 
 
+def test_a_narrower_read_equals_a_cache_built_at_that_length(task):
+    files, vocab, labels, cache_dir = task
+
+    def build(length):
+        return data_util.load_or_build_classification_cache(files, vocab, labels, length,
+                                                            "space", cache_dir, process_num=1)
+
+    wide, narrow = build(8), build(3)
+    assert data_util.classification_lengths(wide, "train").tolist() == [4, 4, 2]
+    assert data_util.classification_lengths(wide, "valid").tolist() == [4, 5]
+    for split in files:
+        cut = data_util.read_classification_split(wide, split, 3)
+        whole = data_util.read_classification_split(narrow, split)
+        assert all(np.array_equal(a, b) for a, b in zip(cut, whole))
+
+
 def test_cache_is_reused_and_each_cause_invalidates_it(task, capsys):
     files, vocab, labels, cache_dir = task
 

@@ -252,9 +252,36 @@ LAYER_CASES = {
                  lambda: (_sequence()[:, 0],)),
     "classifier_head": (lambda: model.MultiLabelHead(32, 5, 0.1, name="classifier_head"),
                         lambda: (_sequence()[:, 0],)),
+    "bag_of_words": (lambda: model.BagOfWordsLogits(50, 5, name="bag_of_words"),
+                     lambda: (random_ids(2, 6),)),
     "mlm_head": (lambda: model.MaskedLMHead(_built_embedding(), name="mlm_head"),
                  lambda: (_sequence(), np.array([[1, 4], [0, 3]], np.int32))),
 }
+
+
+def test_bag_of_words_logits_are_scikit_learns_tf_idf_times_the_kernel():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    rng = np.random.default_rng(0)
+    ids = np.zeros((8, 24), np.int32)
+    for row in range(8):
+        length = rng.integers(3, 20)
+        ids[row, :length] = rng.integers(1, 14, length)  # some [UNK] [CLS] [SEP] [MASK] too
+    ids[:, 0] = 2
+    ids[7, 1:] = 1  # nothing but [UNK]: no words, logits 0
+    words = [" ".join(f"w{i}" for i in row if i >= model.FIRST_WORD_ID) for row in ids]
+    vectorizer = TfidfVectorizer(token_pattern=r"\S+", sublinear_tf=True)
+    tf_idf = vectorizer.fit_transform(words).toarray()
+    classifier = model.build_classifier(model.build_backbone(tiny_config("textcnn", vocab_size=14)),
+                                        3, 0.1, bag_of_words=True)
+    model.set_document_frequencies(classifier, ids)
+    layer = classifier.get_layer("bag_of_words")
+    kernel = rng.normal(size=(14, 3)).astype(np.float32)
+    layer.kernel.assign(kernel)
+    columns = [int(name[1:]) for name in vectorizer.get_feature_names_out()]
+    np.testing.assert_allclose(layer(ids), tf_idf @ kernel[columns], atol=1e-5)
+    padded = np.pad(ids, [[0, 0], [0, 8]])
+    np.testing.assert_allclose(layer(padded), layer(ids), atol=1e-6)
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)
@@ -355,7 +382,8 @@ def test_training_batches_group_lengths_and_cover_every_example_once():
     ids[:, 0] = 2
     gold = np.eye(3, dtype=np.uint8)[np.arange(300) % 3]
     data = classifier_task.ClassificationData(None, ["a", "b", "c"], "space",
-                                              {"train": (ids, gold)}, batch_size=8)
+                                              {"train": (ids, gold)}, batch_size=8,
+                                              sequence_length=40)
     seen, padded_widths = [], []
     batches = list(data.training_dataset(seed=1))
     assert len(batches) == data.steps_per_epoch() <= 300 // 8 + 8
@@ -367,6 +395,31 @@ def test_training_batches_group_lengths_and_cover_every_example_once():
         padded_widths.append(features["token_ids"].shape[1])
     assert sorted(seen) == sorted(tuple(row[:n]) for row, n in zip(ids, lengths))
     assert np.mean(padded_widths) < 0.8 * 40  # random batches of 8 would be nearly 40 wide
+
+
+def test_automatic_sequence_length_keeps_most_examples_whole(tmp_path, capsys):
+    assert classifier_task.choose_sequence_length(np.arange(1, 101), 512) == 96
+    assert classifier_task.choose_sequence_length(np.full(50, 3), 512) == 8
+    assert classifier_task.choose_sequence_length(np.full(50, 900), 512) == 512
+    words = [f"w{i}" for i in range(60)]
+    lines = [" ".join(words[:n]) + " __label__" + "ab"[n % 2] for n in range(1, 41)]
+    files = {}
+    for split, rows in (("train", lines), ("valid", lines[::-1] + [" ".join(words) + " __label__a"])):
+        files[split] = str(tmp_path / f"{split}.txt")
+        open(files[split], "w", encoding="utf-8").write("\n".join(rows) + "\n")
+    settings = classifier_task.ClassifierSettings(cache_dir=str(tmp_path / "cache"),
+                                                  process_num=1)
+    data = classifier_task.load_data(files, "space", settings, vocab_size=100,
+                                     max_sequence_length=64)
+    # [CLS] + up to 40 words: 95% of the rows fit in 40, rounded up to 40; the longest valid
+    # row is cut there
+    assert data.sequence_length == 40 and "sequence length 40 (automatic" in capsys.readouterr().out
+    assert {ids.shape[1] for ids, _ in data.splits.values()} == {40}
+    given = classifier_task.load_data(
+        files, "space", classifier_task.ClassifierSettings(
+            sequence_length=40, cache_dir=settings.cache_dir, process_num=1), vocab=data.vocab)
+    for split in files:
+        assert np.array_equal(given.splits[split][0], data.splits[split][0])
 
 
 TWO_REPLICA_LOSS = """

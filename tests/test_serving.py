@@ -79,7 +79,14 @@ def tiny_classifier(vocab: data_util.Vocabulary, labels: list[str]
     config = model.ModelConfig(backbone="textcnn", vocab_size=len(vocab), d_model=16,
                                num_filters=8, filter_sizes=(2, 3), max_position=32,
                                initializer_range=0.5)
-    return config, model.build_classifier(model.build_backbone(config), len(labels), 0.1)
+    classifier = model.build_classifier(model.build_backbone(config), len(labels), 0.1,
+                                        bag_of_words=True)
+    # the bag-of-words model starts at zero; random weights and idf make it count in the test
+    rng = np.random.default_rng(0)
+    bag = classifier.get_layer("bag_of_words")
+    bag.kernel.assign(rng.normal(0, 0.5, bag.kernel.shape).astype(np.float32))
+    model.set_document_frequencies(classifier, rng.integers(0, len(vocab), (20, 12)))
+    return config, classifier
 
 
 def save_run(run_dir: str, vocab: data_util.Vocabulary, labels: list[str], style: str,
@@ -89,7 +96,8 @@ def save_run(run_dir: str, vocab: data_util.Vocabulary, labels: list[str], style
     (config, classifier) of tiny_classifier, else a fresh one."""
     config, classifier = made or tiny_classifier(vocab, labels)
     settings = classifier_task.ClassifierSettings(sequence_length=SEQUENCE_LENGTH, dropout=0.1)
-    data = classifier_task.ClassificationData(vocab, labels, style, {}, settings.batch_size)
+    data = classifier_task.ClassificationData(vocab, labels, style, {}, settings.batch_size,
+                                              SEQUENCE_LENGTH)
     run, _ = run_directory.open_for_training(run_dir, "classifier", {"style": style}, False)
     try:
         classifier_task.save_run_files(run, data, config, settings)

@@ -98,6 +98,42 @@ def test_backbone_learns_at_its_scale_of_the_heads_rate():
     assert moved[0.25][1] == pytest.approx(moved[1.0][1], rel=0.05)
 
 
+def test_bag_of_words_learns_by_sgd_with_momentum_and_the_rest_by_adam():
+    """Two steps on one batch: the SGD variable moves by rate * gradient, then by rate *
+    (0.9 * first gradient + second gradient), with no weight decay (at 10 per unit rate it
+    would take 1% of each weight a step)."""
+    import keras
+    import tensorflow as tf
+
+    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
+    ids = np.random.default_rng(0).integers(5, 50, size=(16, 12)).astype(np.int32)
+    labels = np.random.default_rng(1).integers(0, 2, size=(16, 3)).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    classifier = model.build_classifier(model.build_backbone(config), 3, 0.0, bag_of_words=True)
+    kernel = classifier.get_layer("bag_of_words").kernel
+    kernel.assign(np.random.default_rng(2).normal(size=kernel.shape).astype(np.float32))
+    # a constant rate (no warm-up, decay far away), weight decay on for everything else
+    optimizer = train_util.make_optimizer(1e-3, total_steps=10**6, weight_decay=10.0)
+    optimizer.learn_by_sgd([kernel], scale=2000.0)
+    model.compile_classifier(classifier, optimizer)
+    inputs = model.backbone_features(ids)
+
+    def gradient():
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean(model.multilabel_loss(labels, classifier(inputs)))
+        return keras.ops.convert_to_numpy(tf.convert_to_tensor(tape.gradient(loss, kernel)))
+
+    start, first = keras.ops.convert_to_numpy(kernel), gradient()
+    classifier.train_on_batch(inputs, labels)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel), start - 2.0 * first,
+                               rtol=1e-4, atol=1e-6)
+    after_one, second = keras.ops.convert_to_numpy(kernel), gradient()
+    classifier.train_on_batch(inputs, labels)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel),
+                               after_one - 2.0 * (0.9 * first + second), rtol=1e-4, atol=1e-6)
+    assert np.abs(first).max() > 0
+
+
 def test_summary_line_is_grep_able(capsys):
     line = train_util.summary_line("fine_tune", test_f1=0.83456, epochs=2, ckpt_dir="runs/ft")
     assert line == "fine_tune test_f1=0.8346 epochs=2 ckpt_dir=runs/ft"
