@@ -302,7 +302,9 @@ def define_classifier_flags(default_learning_rate: float, default_ckpt_dir: str)
                          "TF-IDF vector (the vocabulary's words, idf from the training split), "
                          "trained with the network: the pooled output has d_model numbers for "
                          "all labels, a linear model reads every word, and on the many-label "
-                         "sample task TF-IDF + logistic regression beat the network alone.")
+                         "sample task TF-IDF + logistic regression beat the network alone. Its "
+                         "vocabulary x labels weights take three times their size with the "
+                         "optimiser's two slots: 72 MB for 30,000 words and 200 labels.")
     flags.DEFINE_float("bag_of_words_learning_rate", 10.0, "Peak rate of the bag-of-words "
                        "model, which learns by SGD with momentum 0.9 (Adam lets it memorise "
                        "documents by their rare words) on the same warm-up and decay. Its "
