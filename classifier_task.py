@@ -170,10 +170,11 @@ def build_and_compile(backbone: keras.Model, data: ClassificationData | None, nu
     so), compiled with the settings' optimiser.
 
     From `data` (its training split) the head's biases start at the label priors and the
-    bag-of-words model takes its idf; `backbone_lr_scale` makes the
-    backbone learn at that fraction of the learning rate (discriminative rates for a pretrained
-    backbone, whose features a full-size step would wreck while the new head is still random).
-    The schedule warms up over a tenth of `total_steps` and decays to 0 at the last one.
+    bag-of-words model takes its idf. `backbone_lr_scale` makes the backbone learn at that
+    fraction of the learning rate (discriminative rates for a pretrained backbone, whose
+    features a full-size step would wreck while the new head is still random); the bag-of-words
+    model learns by SGD at its own rate (train_util.DiscriminativeAdamW.learn_by_sgd). The
+    schedule warms up over a tenth of `total_steps` and decays to 0 at the last one.
     """
     backbone.trainable = not freeze_backbone
     classifier = model.build_classifier(backbone, num_labels, settings.dropout,
