@@ -170,12 +170,13 @@ def test_toy_task_summary():
 
 def test_many_labels_start_at_their_priors_and_a_stalled_run_stops(tmp_path, data_flag):
     """On the 200-label task a fresh head at p = 0.5 would cost ln 2 per label; at the priors
-    the start is a fraction of that. A learning rate of 1e-12 (0 is refused) moves no float32
+    the start is a fraction of that. Learning rates of 1e-12 (0 is refused) move no float32
     weight enough to change validation F1, so patience 1 stops after the second epoch."""
     run_dir = tmp_path / "many"
     result = run("train_transform.py", "--test_mode=True", data_flag, "--task=mentions",
                  "--num_epochs=6",
-                 "--learning_rate=1e-12", "--early_stopping_patience=1", "--sequence_length=64",
+                 "--learning_rate=1e-12", "--bag_of_words_learning_rate=1e-12",
+                 "--early_stopping_patience=1", "--sequence_length=64",
                  f"--ckpt_dir_save={run_dir}")
     values = summary(result.stdout, "scratch")
     labels = open(run_dir / "labels.txt", encoding="utf-8").read().splitlines()
