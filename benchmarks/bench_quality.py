@@ -33,6 +33,7 @@ from data.prepare import ensure_sample_data  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RESULTS_NAME = "quality"
+RESUME = False  # --resume: finished runs with the same command are read back
 WORK = os.path.join(ROOT, "benchmarks", "work")
 TASKS = ("sentiment", "entities", "mentions")
 BUDGETS = ("small", "full")
@@ -230,35 +231,47 @@ def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bo
     return values
 
 
-def run_one(kind: str, backbone: str, task: str, budget: str, files: dict, settings: dict,
-            pretrained_dir: str | None, seed: int, lr: float | None) -> dict:
-    """One training run through the user's script; its scores and validation curve."""
+def run_command(kind: str, backbone: str, task: str, budget: str, files: dict, settings: dict,
+                pretrained_dir: str | None, seed: int, lr: float | None
+                ) -> tuple[str, list[str], str, str]:
+    """(script, flags, run directory, log name) of one training run."""
     length = settings["sequence_length"][task]
     common = [f"--training_data_file={files['train']}", f"--valid_data_file={files['valid']}",
               f"--test_data_file={files['test']}", f"--batch_size={settings['batch_size']}",
               f"--seed={seed}"] + ([f"--sequence_length={length}"] if length else [])
     tag = f"{kind}_seed{seed}" + (f"_lr{lr:g}" if lr else "")
     run_dir = os.path.join(WORK, task, budget, tag)
-    start = time.time()
     if pretrained_dir:
-        values = run_script("train_bert_fine_tuning.py",
-                            [*common, f"--pretrained_dir={pretrained_dir}",
-                             *settings["pretrained_flags"], f"--ckpt_dir_save={run_dir}",
-                             "--overwrite=True"],
-                            f"{task}_{budget}_{tag}")
-    else:
-        values = run_script("train_transform.py",
-                            [*common, f"--backbone={backbone}", *settings["model"][backbone],
-                             f"--learning_rate={lr}", f"--ckpt_dir_save={run_dir}",
-                             "--overwrite=True"],
-                            f"{task}_{budget}_{tag}")
+        return ("train_bert_fine_tuning.py",
+                [*common, f"--pretrained_dir={pretrained_dir}", *settings["pretrained_flags"],
+                 f"--ckpt_dir_save={run_dir}", "--overwrite=True"], run_dir,
+                f"{task}_{budget}_{tag}")
+    return ("train_transform.py",
+            [*common, f"--backbone={backbone}", *settings["model"][backbone],
+             f"--learning_rate={lr}", f"--ckpt_dir_save={run_dir}", "--overwrite=True"], run_dir,
+            f"{task}_{budget}_{tag}")
+
+
+def run_one(kind: str, backbone: str, task: str, budget: str, files: dict, settings: dict,
+            pretrained_dir: str | None, seed: int, lr: float | None) -> dict:
+    """One training run through the user's script; its scores and validation curve. With
+    --resume, a run that finished with the same command is read back instead of repeated."""
+    script, flags, run_dir, log_name = run_command(kind, backbone, task, budget, files, settings,
+                                                   pretrained_dir, seed, lr)
+    record_path = os.path.join(run_dir, "benchmark_run.json")
+    record = run_directory.read_json_file(record_path, {}) if RESUME else {}
+    if record.get("command") == [script, *flags]:
+        return record["run"]
+    start = time.time()
+    values = run_script(script, flags, log_name)
     history = run_directory.read_json_file(os.path.join(run_dir, "history.json"))
     run = {"seed": seed, "lr": lr, "test_f1": float(values["test_f1"]),
            "test_micro_f1": float(values["test_micro_f1"]),
            "test_macro_f1": float(values["test_macro_f1"]),
            "valid_curve": [h["val_f1"] for h in history], "seconds": round(time.time() - start, 1)}
-    print(f"  {task}/{budget} {tag}: valid best {max(run['valid_curve']):.4f} after "
+    print(f"  {task}/{budget} {log_name}: valid best {max(run['valid_curve']):.4f} after "
           f"{len(history)} epochs, test {run['test_f1']:.4f}", flush=True)
+    run_directory.write_json_file(record_path, {"command": [script, *flags], "run": run})
     return run
 
 
@@ -523,8 +536,8 @@ def main() -> None:
     if args.scratch_lr:
         settings["scratch_lr"] = tuple(float(lr) for lr in args.scratch_lr.split(","))
     suffix = "_quick" if args.quick else ""
-    global RESULTS_NAME
-    RESULTS_NAME = args.results_name
+    global RESULTS_NAME, RESUME
+    RESULTS_NAME, RESUME = args.results_name, args.resume
     if args.replot:
         return replot(suffix)
     start = time.time()
