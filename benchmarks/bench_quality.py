@@ -459,6 +459,28 @@ def replot(suffix: str) -> None:
     print(summary(results))
 
 
+def merge(names: list[str], suffix: str) -> None:
+    """Join the results of runs made side by side under other --results_name's into this one
+    (a row of a later name replaces the same row of an earlier one), then redraw."""
+    results: dict = {}
+    meta: dict = {"pretraining": {}, "seconds": 0, "pretrain_budgets": {}}
+    for name in names:
+        part = run_directory.read_json_file(os.path.join(RESULTS, f"{name}{suffix}.json"))
+        part_meta = run_directory.read_json_file(os.path.join(RESULTS,
+                                                              f"{name}{suffix}_meta.json"))
+        for task, budgets in part.items():
+            for budget, rows in budgets.items():
+                results.setdefault(task, {}).setdefault(budget, {}).update(rows)
+        meta = {**part_meta, "pretraining": {**meta["pretraining"], **part_meta["pretraining"]},
+                "seconds": meta["seconds"] + part_meta["seconds"],
+                "pretrain_budgets": part_meta.get("pretrain_budgets") or meta["pretrain_budgets"],
+                "merged_from": names}
+    run_directory.write_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json"), results)
+    run_directory.write_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json"),
+                                  meta)
+    replot(suffix)
+
+
 def task_files(sample: dict, task: str, budget: str, settings: dict, suffix: str) -> dict:
     files = dict(sample[task])
     lines = SMALL_BUDGET_LINES if budget == "small" else settings["full_lines"]
@@ -527,6 +549,9 @@ def main() -> None:
                         help="file name stem under benchmarks/results (separate runs in parallel)")
     parser.add_argument("--models", default=",".join(MODELS),
                         help="the rows to run (the others are kept from --resume)")
+    parser.add_argument("--merge", default=None,
+                        help="comma-separated --results_name's of runs made side by side: join "
+                             "them into --results_name and redraw")
     parser.add_argument("--pretrain_budgets", action="store_true",
                         help="only the pretraining-budget study (TextCNN, small budgets)")
     args = parser.parse_args()
@@ -540,6 +565,8 @@ def main() -> None:
     RESULTS_NAME, RESUME = args.results_name, args.resume
     if args.replot:
         return replot(suffix)
+    if args.merge:
+        return merge(args.merge.split(","), suffix)
     start = time.time()
     sample = ensure_sample_data()
     os.makedirs(RESULTS, exist_ok=True)
