@@ -139,9 +139,11 @@ def load_data(files: dict[str, str], tokenize_style: str, settings: ClassifierSe
     if settings.sequence_length is None:
         lengths = data_util.classification_lengths(cache, "train")
         length = choose_sequence_length(lengths, max_sequence_length)
-        print(f"sequence length {length} (automatic: {np.mean(lengths <= length):.0%} of the "
-              f"training examples fit whole, at most {max_sequence_length}; set "
-              "--sequence_length to choose)")
+        # the cache holds rows cut at the limit: one that fills it may have been longer
+        whole = lengths < length if length == max_sequence_length else lengths <= length
+        print(f"sequence length {length} (automatic: {np.mean(whole):.0%} of the training "
+              f"examples fit whole, at most {max_sequence_length}; set --sequence_length to "
+              "choose)")
     splits = {split: data_util.read_classification_split(cache, split, length)
               for split in files}
     print(", ".join(f"{split}: {len(ids)} examples" for split, (ids, _) in splits.items())

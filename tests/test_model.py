@@ -420,6 +420,11 @@ def test_automatic_sequence_length_keeps_most_examples_whole(tmp_path, capsys):
             sequence_length=40, cache_dir=settings.cache_dir, process_num=1), vocab=data.vocab)
     for split in files:
         assert np.array_equal(given.splits[split][0], data.splits[split][0])
+    capsys.readouterr()
+    capped = classifier_task.load_data(files, "space", settings, vocab=data.vocab,
+                                       max_sequence_length=16)
+    # rows filling the cap may have been longer: counted as cut (1 to 14 words fit whole)
+    assert capped.sequence_length == 16 and "35% of the training" in capsys.readouterr().out
 
 
 TWO_REPLICA_LOSS = """
