@@ -419,11 +419,13 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(results)
-    budgets = [b for b in BUDGETS if any(b in results[t] for t in tasks)]
-    fig, axes = plt.subplots(len(tasks), len(budgets), figsize=(5.5 * len(budgets),
-                                                                3.6 * len(tasks)), squeeze=False)
-    for ax, (task, budget) in zip(axes.flat, [(t, b) for t in tasks for b in budgets]):
+    cells = [(t, b) for t in results for b in BUDGETS if results[t].get(b)]  # only those run
+    columns = min(2, len(cells))
+    rows = -(-len(cells) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(cells):]:
+        ax.set_visible(False)
+    for ax, (task, budget) in zip(axes.flat, cells):
         for name, r in results[task].get(budget, {}).items():
             if r.get("valid_curve"):
                 curve = r["valid_curve"]
