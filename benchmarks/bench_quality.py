@@ -219,11 +219,14 @@ def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bo
     record = os.path.join(run_dir, "benchmark_pretraining.json")
     if resume and os.path.exists(record):
         return run_directory.read_json_file(record)
+    # a long pretraining killed part-way continues from its last epoch under --resume: the
+    # script resumes a directory whose run has the same fingerprint (and refuses, with a
+    # message, one that differs)
+    fresh = [] if resume and os.path.isdir(run_dir) else ["--overwrite=True"]
     start = time.time()
     values = run_script("train_bert_lm.py", [f"--backbone={backbone}", f"--ckpt_dir={run_dir}",
                                              f"--mask_lm_source_file={corpus}",
-                                             "--sequence_length_lm=64", "--overwrite=True",
-                                             *flags], name)
+                                             "--sequence_length_lm=64", *fresh, *flags], name)
     values["seconds"] = round(time.time() - start, 1)
     values["flags"] = " ".join(flags)
     values["run_dir"] = run_dir
@@ -316,6 +319,10 @@ def seed_row(runs: list[dict], chosen: str, grid: dict, search_seconds: float) -
 
 
 # ----------------------------------------------------------------------------- report
+def seed_count(r: dict) -> str:
+    return f"{r.get('seeds', 1)} seed" + ("s" if r.get("seeds", 1) > 1 else "")
+
+
 def fmt_f1(r: dict) -> str:
     return f"**{r['test_f1']:.3f}**" + (f" ± {r['test_f1_sd']:.3f}" if r.get("seeds", 1) > 1
                                         else "")
@@ -363,8 +370,8 @@ def write_table(results: dict, pretraining: dict, settings_name: str, seconds: f
                   "|---|---|---|" + "---|" * len(budgets_study["tasks"])]
         for row in budgets_study["rows"]:
             lines.append(f"| {row['epochs']} | {row['seconds']:.0f} | {row['mlm_accuracy']:.3f} | "
-                         + " | ".join(f"{row[t]['test_f1']:.3f} ± {row[t]['test_f1_sd']:.3f}"
-                                      for t in budgets_study["tasks"]) + " |")
+                         + " | ".join(f"{fmt_f1(row[t])} ({seed_count(row[t])})"
+                                      for t in budgets_study["tasks"] if t in row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -445,11 +452,46 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_budgets(study: dict, path: str) -> None:
+    """Downstream test F1 and valid masked-LM accuracy against the pretraining epochs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = study["rows"]
+    epochs = [row["epochs"] for row in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for task in study["tasks"]:
+        points = [(row["epochs"], row[task]["test_f1"], row[task]["test_f1_sd"])
+                  for row in rows if task in row]
+        if points:
+            x, y, sd = zip(*points)
+            ax.errorbar(x, y, yerr=sd, marker="o", ms=4, capsize=3, label=f"{task} test F1")
+    ax.set_xscale("log")
+    ax.set_xticks(epochs, [str(e) for e in epochs])
+    ax.set_xlabel("TextCNN pretraining epochs")
+    ax.set_ylabel("test average F1 (small budget)")
+    ax.grid(alpha=0.3)
+    accuracy = ax.twinx()
+    accuracy.plot(epochs, [row["mlm_accuracy"] for row in rows], color="grey", ls="--",
+                  marker="s", ms=3, label="valid masked-LM accuracy")
+    accuracy.set_ylabel("valid masked-LM accuracy")
+    handles = [h for a in (ax, accuracy) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_reports(results: dict, pretraining: dict, settings_name: str, seconds: float,
                   suffix: str, budgets_study: dict | None = None) -> str:
     table = write_table(results, pretraining, settings_name, seconds, budgets_study)
     open(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.md"), "w", encoding="utf-8").write(table)
-    plot(results, os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.png"))
+    if any(results.values()):
+        plot(results, os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.png"))
+    if budgets_study and budgets_study.get("rows"):
+        plot_budgets(budgets_study, os.path.join(RESULTS,
+                                                 f"{RESULTS_NAME}{suffix}_pretrain_budgets.png"))
     return table
 
 
@@ -508,23 +550,33 @@ def run_cell(task: str, budget: str, files: dict, settings: dict, pretraining: d
             save()  # after every row, so that --resume loses at most one row's work
 
 
+def pretraining_epochs(flags: list[str]) -> int | None:
+    values = [f.split("=", 1)[1] for f in flags if f.startswith("--num_epochs=")]
+    return int(values[-1]) if values else None
+
+
 def pretraining_budget_study(sample: dict, settings: dict, corpus: str, suffix: str,
-                             tasks: list[str], resume: bool, study: dict, save) -> dict:
+                             tasks: list[str], resume: bool, study: dict, save,
+                             main_lm: dict) -> dict:
     """TextCNN pretrained for each budget of epochs, fine-tuned with the defaults on every
     task's small budget: how masked-LM accuracy and downstream F1 grow with pretraining."""
     study.setdefault("tasks", tasks)
     done = {row["epochs"]: row for row in study.setdefault("rows", [])}
+    main_epochs = pretraining_epochs(settings["pretrain"]["textcnn"])
     for epochs in settings["pretrain_budget_epochs"]:
         if epochs in done and all(t in done[epochs] for t in tasks):
             continue
-        lm = pretrain("textcnn", settings, corpus, suffix, resume, epochs)
+        # the main table's pretraining and its fine-tuning runs are this budget's: reuse them
+        is_main = epochs == main_epochs
+        lm = main_lm if is_main else pretrain("textcnn", settings, corpus, suffix, resume, epochs)
+        kind = "textcnn_pretrained" if is_main else f"textcnn_lm{epochs}ep"
         row = done.get(epochs) or {"epochs": epochs, "seconds": float(lm["seconds"]),
                                    "mlm_accuracy": float(lm["best_valid_mlm_accuracy"])}
         for task in tasks:
             if task not in row:
                 files = task_files(sample, task, "small", settings, suffix)
-                runs = [run_one(f"textcnn_lm{epochs}ep", "textcnn", task, "small", files,
-                                settings, lm["run_dir"], seed, None) for seed in settings["seeds"]]
+                runs = [run_one(kind, "textcnn", task, "small", files, settings, lm["run_dir"],
+                                seed, None) for seed in settings["seeds"]]
                 row[task] = seed_row(runs, "defaults", {}, 0.0)
         if epochs not in done:
             study["rows"].append(row)
@@ -578,7 +630,7 @@ def main() -> None:
     models = args.models.split(",")
     pretraining = {b: pretrain(b, settings, corpus, suffix, args.resume)
                    for b in ("textcnn", "transformer")
-                   if f"{b}_pretrained" in models or (b == "textcnn" and args.pretrain_budgets)}
+                   if (b == "textcnn" if args.pretrain_budgets else f"{b}_pretrained" in models)}
     print("pretraining:", json.dumps(pretraining), flush=True)
     results_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json")
     meta_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json")
@@ -607,7 +659,7 @@ def main() -> None:
     tasks = args.tasks.split(",")
     if args.pretrain_budgets:
         pretraining_budget_study(sample, settings, corpus, suffix, tasks, args.resume, study,
-                                 save)
+                                 save, pretraining["textcnn"])
     else:
         for task in tasks:
             for budget in args.budgets.split(","):
