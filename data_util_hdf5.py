@@ -477,10 +477,25 @@ def _tokenize_chunk(style: str, labelled: bool, backend: str,
     return out
 
 
-def _tokenize_chunk_packed(args: tuple) -> list[tuple]:
+def _tokenize_chunk_packed(*args) -> list[tuple]:
     """Pool-side version: tokens go back space-joined, which pickles several times faster."""
     return [(no, None if tokens is None else " ".join(tokens), labels)
             for no, tokens, labels in _tokenize_chunk(*args)]
+
+
+def _encode_chunk(style: str, backend: str, lines: list[tuple[int, str]]) -> tuple:
+    """An unlabelled chunk tokenized and numbered in the worker: (line numbers int64 [n],
+    lengths int64 [n], ids int32 [tokens], distinct tokens in order of first sight), where an id
+    indexes the chunk's own distinct tokens. The caller maps those few tokens to its ids, so the
+    per-token work stays in the workers and the arrays pickle in one piece."""
+    numbered: dict[str, int] = {}
+    line_numbers, lengths, ids = [], [], []
+    for line_no, tokens, _ in _tokenize_chunk(style, False, backend, lines):
+        line_numbers.append(line_no)
+        lengths.append(len(tokens))
+        ids.extend(numbered.setdefault(token, len(numbered)) for token in tokens)
+    return (np.array(line_numbers, np.int64), np.array(lengths, np.int64),
+            np.array(ids, np.int32), list(numbered))
 
 
 def resolve_process_num(process_num: int | None, tokenize_style: str = "word") -> int:
@@ -507,31 +522,52 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in methods else None)
 
 
-def _map_chunks_in_order(chunks: Iterable[list], job: tuple,
-                         process_num: int) -> Iterator[tuple[int, list]]:
-    """Yield (lines in chunk, results) in file order, with at most 2 chunks per worker in flight."""
+def _map_chunks_in_order(chunks: Iterable[list], job: tuple, process_num: int,
+                         work: Callable = _tokenize_chunk, remote: Callable | None = None,
+                         unpack: Callable = lambda result: result
+                         ) -> Iterator[tuple[int, object]]:
+    """Yield (lines in chunk, work(*job, chunk)) in file order, with at most 2 chunks per worker
+    in flight. A pool runs `remote` (default `work`) and the parent `unpack`s its result."""
     chunks = iter(chunks)
     head = list(itertools.islice(chunks, 2))
     if process_num == 1 or len(head) < 2:  # one chunk: a pool would cost more than it saves
         for chunk in itertools.chain(head, chunks):
-            yield len(chunk), _tokenize_chunk(*job, chunk)
+            yield len(chunk), work(*job, chunk)
         return
-    if job[0] == "word" and job[2] == "jieba":
+    if job[0] == "word" and job[-1] == "jieba":
         import jieba
         jieba.initialize()  # once here, inherited by forked workers, instead of once per worker
     with _pool_context().Pool(process_num) as pool:
         pending = collections.deque()
         for chunk in itertools.chain(head, chunks):
-            pending.append((len(chunk), pool.apply_async(_tokenize_chunk_packed, ((*job, chunk),))))
+            pending.append((len(chunk), pool.apply_async(remote or work, (*job, chunk))))
             if len(pending) >= 2 * process_num:
-                yield _unpack(*pending.popleft())
+                num_lines, result = pending.popleft()
+                yield num_lines, unpack(result.get())
         while pending:
-            yield _unpack(*pending.popleft())
+            num_lines, result = pending.popleft()
+            yield num_lines, unpack(result.get())
 
 
-def _unpack(num_lines: int, result) -> tuple[int, list]:
-    return num_lines, [(no, None if joined is None else joined.split(" ") if joined else [], labels)
-                       for no, joined, labels in result.get()]
+def _unpack_tokens(result: list[tuple]) -> list[tuple]:
+    return [(no, None if joined is None else joined.split(" ") if joined else [], labels)
+            for no, joined, labels in result]
+
+
+def _encoded_chunks(path: str, tokenize_style: str, encoding: str,
+                    process_num: int | None) -> Iterator[tuple]:
+    """`_encode_chunk`'s results for every chunk of an unlabelled file, in file order, with a
+    progress line."""
+    _check_style(tokenize_style)
+    check_encoding(encoding)
+    job = (tokenize_style, word_backend())
+    progress = _Progress(path)
+    for num_lines, encoded in _map_chunks_in_order(
+            _read_chunks(path, encoding, DEFAULT_CHUNK_LINES), job,
+            resolve_process_num(process_num, tokenize_style), work=_encode_chunk):
+        progress.advance(num_lines)
+        yield encoded
+    progress.done()
 
 
 class _Progress:
@@ -596,7 +632,9 @@ def iter_tokenized_lines(path: str, tokenize_style: str, encoding: str = "utf-8"
     chunks = _read_chunks(path, encoding, chunk_lines)
     progress, skips, parsed = _Progress(path), _SkipReport(path), 0
     workers = resolve_process_num(process_num, tokenize_style)
-    for num_lines, results in _map_chunks_in_order(chunks, job, workers):
+    for num_lines, results in _map_chunks_in_order(chunks, job, workers,
+                                                   remote=_tokenize_chunk_packed,
+                                                   unpack=_unpack_tokens):
         progress.advance(num_lines)
         for line_no, tokens, labels in results:
             if tokens is None:
@@ -618,7 +656,7 @@ class Vocabulary:
         if problem:
             raise DataError(f"{source}:{problem}")
         self.tokens = list(tokens)
-        self._ids = {token: i for i, token in enumerate(self.tokens)}
+        self._ids = dict(zip(self.tokens, range(len(self.tokens))))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -636,8 +674,20 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":
-        tokens = [text for _, text in read_lines(path)]
-        return cls(tokens, source=path)
+        # read whole: every script and the cache check load it, and line by line cost 4x more
+        with _open_binary(path) as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line_no = data.count(b"\n", 0, error.start) + 1
+            raise DataError(f"{path}:{line_no}: cannot decode as utf-8; a vocabulary is written "
+                            "as utf-8, rebuild it (delete the file)") from None
+        text = text.removeprefix("\ufeff")
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return cls([line.removesuffix("\r") for line in lines], source=path)
 
     def fingerprint(self) -> str:
         """sha256 of the token list: equal fingerprints mean identical token <-> id maps."""
@@ -650,6 +700,9 @@ def _vocabulary_problem(tokens: list[str]) -> str | None:
         return (f"1: a vocabulary must start with the {len(SPECIAL_TOKENS)} special tokens "
                 f"{' '.join(SPECIAL_TOKENS)}, one a line; rebuild it (delete the file) rather than "
                 "editing it")
+    # the common case, a valid file, checked at C speed; the loop below finds the line
+    if " ".join(tokens).split() == list(tokens) and len(set(tokens)) == len(tokens):
+        return None
     seen = set()
     for line_no, token in enumerate(tokens, start=1):
         if not token or token != token.strip() or len(token.split()) != 1:
@@ -689,13 +742,19 @@ def vocabulary_from_counts(counts: dict[str, int], vocab_size: int,
               if token not in SPECIAL_TOKENS and count > 0}
     if not counts:
         raise DataError(f"{', '.join(paths)}: no tokens found; the vocabulary needs some text")
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    kept = ranked[:vocab_size - len(SPECIAL_TOKENS)]
-    total = sum(counts.values())
-    covered = sum(count for _, count in kept)
+    room = vocab_size - len(SPECIAL_TOKENS)
+    values = np.fromiter(counts.values(), np.int64, len(counts))
+    # only tokens as frequent as the room's last one can be kept: the rest need no ordering
+    cutoff = np.partition(values, len(values) - room)[len(values) - room] \
+        if len(values) > room else 0
+    kept = sorted(token for token, count in counts.items() if count >= cutoff)
+    kept.sort(key=counts.__getitem__, reverse=True)  # stable: equal counts stay by string
+    kept = kept[:room]
+    total = int(values.sum())
+    covered = sum(map(counts.__getitem__, kept))
     print(f"vocabulary: {len(kept) + len(SPECIAL_TOKENS):,} tokens (of {len(counts):,} distinct), "
           f"covering {covered / total:.1%} of {total:,} token occurrences")
-    return Vocabulary(SPECIAL_TOKENS + [token for token, _ in kept])
+    return Vocabulary(SPECIAL_TOKENS + kept)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -971,9 +1030,11 @@ def load_or_build_token_cache(path: str, vocab: Vocabulary, tokenize_style: str,
     if open_valid_cache(cache, fingerprint):
         print(f"Reusing token cache {cache}")
         return cache
-    rows = ((line_no, vocab.encode(tokens)) for line_no, tokens in
-            iter_tokenized_lines(path, tokenize_style, encoding, process_num))
-    _write_token_cache(cache, fingerprint, rows, tokenize_style, path)
+    blocks = ((line_numbers, lengths,
+               np.array([vocab.id_of(token) for token in distinct], np.int32)[local_ids])
+              for line_numbers, lengths, local_ids, distinct in
+              _encoded_chunks(path, tokenize_style, encoding, process_num))
+    _write_token_cache(cache, fingerprint, blocks, tokenize_style, path)
     return cache
 
 
@@ -996,22 +1057,25 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
     _check_vocab_size(vocab_size)
     provisional: dict[str, int] = {}
     scratch = vocab_file[:-len(".txt")] + "-provisional.h5"  # rewritten by the next run if left
-    rows = ((line_no, [provisional.setdefault(token, len(provisional)) for token in tokens])
-            for line_no, tokens in iter_tokenized_lines(path, tokenize_style, encoding,
-                                                        process_num))
+    blocks = ((line_numbers, lengths,
+               np.fromiter((provisional.setdefault(token, len(provisional)) for token in distinct),
+                           np.int32, len(distinct))[local_ids])
+              for line_numbers, lengths, local_ids, distinct in
+              _encoded_chunks(path, tokenize_style, encoding, process_num))
     try:
-        _write_token_cache(scratch, "provisional", rows, tokenize_style, path, quiet=True)
+        _write_token_cache(scratch, "provisional", blocks, tokenize_style, path, quiet=True)
         counts = np.zeros(len(provisional), np.int64)
         for _, _, ids in _token_cache_blocks(scratch):
             counts += np.bincount(ids, minlength=len(provisional))
         vocab = vocabulary_from_counts(dict(zip(provisional, counts.tolist())), vocab_size,
                                        [path])
         vocab.save(vocab_file)
-        final = np.array([vocab.id_of(token) for token in provisional], np.int32)
+        final = np.fromiter(map(vocab.id_of, provisional), np.int32, len(provisional))
         cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding)
         if not open_valid_cache(cache, fingerprint):
-            _write_token_cache(cache, fingerprint, _token_cache_rows(scratch, final),
-                               tokenize_style, path)
+            remapped = ((lines, np.diff(starts), final[ids])
+                        for lines, starts, ids in _token_cache_blocks(scratch))
+            _write_token_cache(cache, fingerprint, remapped, tokenize_style, path)
     finally:
         remove_quietly(scratch)
     return vocab, cache
@@ -1031,14 +1095,6 @@ def _token_cache_blocks(cache_file: str, block_tokens: int = 1 << 20):
             row = end
 
 
-def _token_cache_rows(cache_file: str, remap: np.ndarray):
-    """(line number, remap[ids]) for every row of a token cache, read a block at a time."""
-    for lines, starts, ids in _token_cache_blocks(cache_file):
-        ids = remap[ids]
-        for i, line_no in enumerate(lines):
-            yield line_no, ids[starts[i]:starts[i + 1]]
-
-
 def _token_cache_file(path: str, vocab: Vocabulary, tokenize_style: str, cache_dir: str,
                       encoding: str) -> tuple[str, str]:
     fingerprint = fingerprint_of({
@@ -1048,30 +1104,24 @@ def _token_cache_file(path: str, vocab: Vocabulary, tokenize_style: str, cache_d
     return cache_path(cache_dir, "tokens", fingerprint), fingerprint
 
 
-def _write_token_cache(cache: str, fingerprint: str, rows: Iterable[tuple[int, list[int]]],
+def _write_token_cache(cache: str, fingerprint: str, blocks: Iterable[tuple],
                        tokenize_style: str, source: str, quiet: bool = False) -> None:
-    """`rows` of (line number, token ids) as one flat id array with row offsets."""
+    """`blocks` of (line numbers [n], row lengths [n], the rows' ids end to end) as one flat id
+    array with row offsets."""
 
     def write(h5: h5py.File) -> None:
-        ids = h5.create_dataset("input_ids", (0,), maxshape=(None,), dtype="int32",
-                                chunks=(1 << 18,))
-        offsets = _RowWriter(h5, {"offsets": ((), "int64")})
-        line_numbers = _RowWriter(h5, {"line_numbers": ((), "int64")})
-        offsets.add(offsets=0)
-        block, in_block, total = [], 0, 0
-        for line_no, row in rows:
-            block.append(np.asarray(row, np.int32))
-            in_block += len(row)
-            total += len(row)
-            offsets.add(offsets=total)
-            line_numbers.add(line_numbers=line_no)
-            if in_block >= 1 << 18:
-                _append(ids, np.concatenate(block))
-                block, in_block = [], 0
-        if block:
-            _append(ids, np.concatenate(block))
-        offsets.flush()
-        line_numbers.flush()
+        datasets = {name: h5.create_dataset(name, (0,), maxshape=(None,), dtype=dtype,
+                                            chunks=(chunk,))
+                    for name, dtype, chunk in (("input_ids", "int32", 1 << 18),
+                                               ("offsets", "int64", _RowWriter.BLOCK),
+                                               ("line_numbers", "int64", _RowWriter.BLOCK))}
+        _append(datasets["offsets"], np.zeros(1, np.int64))
+        total = 0
+        for line_numbers, lengths, ids in blocks:
+            _append(datasets["input_ids"], ids)
+            _append(datasets["offsets"], total + np.cumsum(lengths))
+            _append(datasets["line_numbers"], line_numbers)
+            total += int(np.sum(lengths))
         h5.attrs.update({"format_version": FORMAT_VERSION, "tokenize_style": tokenize_style,
                          "source": os.path.abspath(source)})
 

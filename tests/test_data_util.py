@@ -150,6 +150,17 @@ def test_vocabulary_save_load_and_corrupt_files(tmp_path):
         data_util.Vocabulary.load(twice)
     with pytest.raises(data_util.DataError, match="nope.txt: no such file"):
         data_util.Vocabulary.load(str(tmp_path / "nope.txt"))
+    lines = data_util.SPECIAL_TOKENS + ["北京", "a b", "天安门"]
+    spaced = write(tmp_path / "spaced.txt", "\n".join(lines) + "\n")
+    with pytest.raises(data_util.DataError, match=r"spaced\.txt:7: empty token or token with"):
+        data_util.Vocabulary.load(spaced)
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes(("\ufeff" + "\r\n".join(vocab.tokens) + "\r\n").encode("utf-8"))
+    assert data_util.Vocabulary.load(str(windows)).tokens == vocab.tokens
+    broken = tmp_path / "broken.txt"
+    broken.write_bytes("\n".join(vocab.tokens).encode("utf-8") + b"\n\xff\xfe\n")
+    with pytest.raises(data_util.DataError, match=r"broken\.txt:8: cannot decode as utf-8"):
+        data_util.Vocabulary.load(str(broken))
     with pytest.raises(data_util.DataError, match="--vocab_size=5"):
         data_util.build_vocabulary([bad], "space", 5)
 
@@ -464,3 +475,16 @@ def test_copy_first_lines_keeps_the_encoding_and_names_a_bad_line(tmp_path):
                        match=r"gbk.txt:1: cannot decode as utf-8.*--encoding gb18030"):
         data_util.copy_first_lines(str(gbk), 2, str(tmp_path / "head2.txt"))
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+
+def test_vocabulary_ranks_by_count_then_string_at_every_size():
+    """The partial sort keeps exactly what a full sort by (-count, token) would, in that order,
+    whether the cut falls inside a run of equal counts or beyond the last token."""
+    rng = np.random.default_rng(5)
+    counts = {f"t{i}": int(c) for i, c in enumerate(rng.integers(0, 5, 300))}
+    counts["[MASK]"] = 99  # a literal special token in the text is not ranked twice
+    ranked = [t for t, c in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+              if c > 0 and t != "[MASK]"]
+    for size in (6, 7, 50, 123, 1000):
+        vocab = data_util.vocabulary_from_counts(counts, size, ["x"])
+        assert vocab.tokens == data_util.SPECIAL_TOKENS + ranked[:size - 5]

@@ -1,6 +1,7 @@
 """Pretraining examples: sentence packing, NSP pairs, BERT masking in tf.data, the corpus cache."""
 import os
 
+import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -186,19 +187,24 @@ def test_corpus_cache_round_trip_and_reuse(tmp_path, capsys):
     assert changed != path
 
 
-@pytest.mark.parametrize("vocab_size,block_tokens", [(8, 1 << 20), (1000, 7), (8, 20)])
+@pytest.mark.parametrize("vocab_size,block_tokens,process_num",
+                         [(8, 1 << 20, 1), (1000, 7, 1), (8, 20, 1), (8, 20, 2)])
 def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, vocab_size,
-                                                   block_tokens):
+                                                   block_tokens, process_num):
     """Same vocabulary (ties and all, literal special tokens too), same cache file name and ids,
     whether the text is tokenized once or once for the vocabulary and once for the cache; the
-    scratch file is read back in blocks of whole rows of any size, and removed."""
+    scratch file is read back in blocks of whole rows of any size, and removed. The one pass
+    numbers each chunk's tokens in its worker: chunks of 7 lines, blank lines among them."""
     monkeypatch.setattr(data_util._token_cache_blocks, "__defaults__", (block_tokens,))
+    monkeypatch.setattr(data_util, "DEFAULT_CHUNK_LINES", 7)
     corpus_file = tmp_path / "corpus.txt"
     words = np.random.default_rng(3).choice(["甲", "乙", "丙", "丁", "戊", "己", "[MASK]", "。"],
                                             size=(40, 9))
-    corpus_file.write_text("".join(" ".join(row) + "\n" for row in words), encoding="utf-8")
+    lines = [" ".join(row) + "\n" for row in words]
+    lines[7:7] = ["\n", "  \n"]
+    corpus_file.write_text("".join(lines), encoding="utf-8")
     vocab, cache = pretrain_task.load_or_build_corpus_cache(str(corpus_file), "space", vocab_size,
-                                                 str(tmp_path / "one"), process_num=1)
+                                                 str(tmp_path / "one"), process_num=process_num)
     two_vocab = data_util.load_or_build_vocabulary([str(corpus_file)], "space", vocab_size,
                                             str(tmp_path / "two"), process_num=1)
     two_cache = data_util.load_or_build_token_cache(str(corpus_file), two_vocab, "space",
@@ -207,6 +213,11 @@ def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, vocab_
     assert os.path.basename(cache) == os.path.basename(two_cache)
     for one, two in zip(data_util.read_token_cache(cache), data_util.read_token_cache(two_cache)):
         np.testing.assert_array_equal(one, two)
+    ids, offsets = data_util.read_token_cache(cache)
+    expected = [vocab.encode(line.split()) for line in lines if line.strip()]
+    assert [list(ids[a:b]) for a, b in zip(offsets[:-1], offsets[1:])] == expected
+    with h5py.File(cache, "r") as h5:
+        np.testing.assert_array_equal(h5["line_numbers"][:], [*range(1, 8), *range(10, 43)])
     assert not [name for name in os.listdir(tmp_path / "one") if "provisional" in name]
 
 
