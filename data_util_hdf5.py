@@ -488,14 +488,15 @@ def _encode_chunk(style: str, backend: str, lines: list[tuple[int, str]]) -> tup
     lengths int64 [n], ids int32 [tokens], distinct tokens in order of first sight), where an id
     indexes the chunk's own distinct tokens. The caller maps those few tokens to its ids, so the
     per-token work stays in the workers and the arrays pickle in one piece."""
-    numbered: dict[str, int] = {}
-    line_numbers, lengths, ids = [], [], []
-    for line_no, tokens, _ in _tokenize_chunk(style, False, backend, lines):
+    line_numbers, lengths, tokens = [], [], []
+    for line_no, line_tokens, _ in _tokenize_chunk(style, False, backend, lines):
         line_numbers.append(line_no)
-        lengths.append(len(tokens))
-        ids.extend(numbered.setdefault(token, len(numbered)) for token in tokens)
+        lengths.append(len(line_tokens))
+        tokens.extend(line_tokens)
+    distinct = list(dict.fromkeys(tokens))  # loops in C, as do the two lines below
+    index = dict(zip(distinct, range(len(distinct))))
     return (np.array(line_numbers, np.int64), np.array(lengths, np.int64),
-            np.array(ids, np.int32), list(numbered))
+            np.fromiter(map(index.__getitem__, tokens), np.int32, len(tokens)), distinct)
 
 
 def resolve_process_num(process_num: int | None, tokenize_style: str = "word") -> int:
