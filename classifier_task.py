@@ -74,10 +74,6 @@ class ClassificationData:
         return (data.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch()))
                 .prefetch(tf.data.AUTOTUNE))
 
-    def label_frequencies(self) -> np.ndarray:
-        """Share of training examples carrying each label, float [num_labels]."""
-        return self.splits["train"][1].mean(axis=0)
-
     def steps_per_epoch(self) -> int:
         """Training batches an epoch: one part-filled batch at most per length bucket."""
         lengths = np.sum(self.splits["train"][0] != model.PAD_ID, axis=1)
@@ -164,27 +160,27 @@ def save_run_files(run: run_directory.Run, data: ClassificationData,
                                                "num_labels": len(data.labels)})
 
 
-def build_and_compile(backbone: keras.Model, data: ClassificationData | None, num_labels: int,
+def build_and_compile(backbone: keras.Model, train_ids: np.ndarray, train_labels: np.ndarray,
                       total_steps: int, settings: ClassifierSettings,
                       backbone_lr_scale: float | None = None,
                       freeze_backbone: bool = False) -> keras.Model:
     """Classifier = backbone + multi-label head (+ the bag-of-words model when the settings say
     so), compiled with the settings' optimiser.
 
-    From `data` (its training split) the head's biases start at the label priors and the
-    bag-of-words model takes its idf. `backbone_lr_scale` makes the backbone learn at that
-    fraction of the learning rate (discriminative rates for a pretrained backbone, whose
-    features a full-size step would wreck while the new head is still random); the bag-of-words
-    model learns by SGD at its own rate (train_util.DiscriminativeAdamW.learn_by_sgd). The
-    schedule warms up over a tenth of `total_steps` and decays to 0 at the last one.
+    From the training split (ids int [N,T], multi-hot labels [N,labels]) the head's biases start
+    at the label priors and the bag-of-words model takes its idf. `backbone_lr_scale` makes the
+    backbone learn at that fraction of the learning rate (discriminative rates for a pretrained
+    backbone, whose features a full-size step would wreck while the new head is still random);
+    the bag-of-words model learns by SGD at its own rate
+    (train_util.DiscriminativeAdamW.learn_by_sgd). The schedule warms up over a tenth of
+    `total_steps` and decays to 0 at the last one.
     """
     backbone.trainable = not freeze_backbone
-    classifier = model.build_classifier(backbone, num_labels, settings.dropout,
+    classifier = model.build_classifier(backbone, train_labels.shape[1], settings.dropout,
                                         settings.bag_of_words)
-    if data is not None:
-        model.set_label_priors(classifier, data.label_frequencies())
-        if settings.bag_of_words:
-            model.set_document_frequencies(classifier, data.splits["train"][0])
+    model.set_label_priors(classifier, train_labels.mean(axis=0))
+    if settings.bag_of_words:
+        model.set_document_frequencies(classifier, train_ids)
     warmup = settings.warmup_steps if settings.warmup_steps is not None else total_steps // 10
     optimizer = train_util.make_optimizer(settings.learning_rate, total_steps, warmup,
                                           settings.decay_steps, settings.decay_rate,

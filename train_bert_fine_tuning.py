@@ -86,7 +86,7 @@ def main(_):
             pretrained.verified(run_directory.BACKBONE_WEIGHTS),
             expected_vocab_size=len(vocab), dropout=settings.dropout)
         classifier = classifier_task.build_and_compile(
-            backbone, data, len(data.labels), epochs * data.steps_per_epoch(), settings,
+            backbone, *data.splits["train"], epochs * data.steps_per_epoch(), settings,
             FLAGS.backbone_lr_scale, FLAGS.freeze_backbone)
     classifier_task.save_run_files(run, data, config, settings)
     start = classifier_task.evaluate(classifier, data, "valid")
