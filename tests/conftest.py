@@ -47,6 +47,16 @@ def sample_data(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def small_corpus(sample_data, tmp_path_factory) -> str:
+    """600 lines of the sample pretraining corpus: a dozen steps an epoch at batch 32, for the
+    kill-and-resume runs, whose subject is the run directory and not the learning."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    with open(os.path.join(sample_data, "pretrain_corpus.txt"), encoding="utf-8") as source:
+        path.write_text("".join(line for _, line in zip(range(600), source)), encoding="utf-8")
+    return str(path)
+
+
 @pytest.fixture
 def dead_pid() -> int:
     """The PID of a process that has just ended: a killed writer, for leftover-file tests."""

@@ -22,15 +22,6 @@ def pretraining_flags(corpus: str, run_dir: str) -> list[str]:
             "--sequence_length_lm=32", f"--cache_dir={os.path.dirname(run_dir)}/cache"]
 
 
-@pytest.fixture(scope="module")
-def small_corpus(sample_data, tmp_path_factory) -> str:
-    """600 lines of the sample pretraining corpus: a dozen steps an epoch."""
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    with open(os.path.join(sample_data, "pretrain_corpus.txt"), encoding="utf-8") as source:
-        path.write_text("".join(line for _, line in zip(range(600), source)), encoding="utf-8")
-    return str(path)
-
-
 def history(run_dir: str) -> list[dict]:
     return json.load(open(os.path.join(run_dir, "history.json"), encoding="utf-8"))
 

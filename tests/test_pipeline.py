@@ -22,7 +22,10 @@ def run(script: str, *flags: str, stdin: str | None = None, check: bool = True):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=ROOT,
                             input=stdin, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        # the head of stderr too: a crash's cause comes before its long list of modules
+        raise AssertionError(f"{script} failed (rc {result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[:1500]}\n...\n"
+                             f"{result.stderr[-1500:]}")
     return result
 
 
@@ -214,7 +217,7 @@ def test_bad_flags_and_files_end_in_one_line(tmp_path):
 def test_a_killed_classifier_resumes_and_other_data_is_refused(tmp_path, data_flag):
     run_dir = str(tmp_path / "s")
     flags = ["--test_mode=True", data_flag, f"--ckpt_dir_save={run_dir}", "--num_epochs=2",
-             "--early_stopping_patience=0", "--task=sentiment"]
+             "--early_stopping_patience=0", "--sequence_length=32", "--task=sentiment"]
     # between the backup's weights and its state file
     kill_when_written([sys.executable, os.path.join(ROOT, "train_transform.py"), *flags],
                       os.path.join(run_dir, "backup", "epoch-0001.weights.h5"))
@@ -243,22 +246,23 @@ def test_hostile_input_ends_in_one_line(pretrained, fine_tuned, tmp_path, sample
     assert [r for r in results if not r["clean"]] == []
 
 
-def mirrored_pretraining(run_dir: str, data_flag: str) -> list[str]:
+def mirrored_pretraining(run_dir: str, corpus: str) -> list[str]:
     """The real script under MirroredStrategy with 2 replicas (2 logical CPUs, set up before
-    TensorFlow starts, which is why it runs in a process of its own), for 2 epochs."""
+    TensorFlow starts, which is why it runs in a process of its own), for 2 short epochs."""
     code = (
         "import sys, train_util; train_util.split_cpu_for_testing(2)\n"
         "import tensorflow as tf; assert len(tf.config.list_logical_devices('CPU')) == 2\n"
         "from absl import app; import cli, train_bert_lm\n"
         f"sys.argv = ['train_bert_lm.py', '--test_mode=True', '--distribution_strategy=mirrored',"
-        f" '--num_epochs=2', '--ckpt_dir={run_dir}', '{data_flag}']\n"
+        f" '--num_epochs=2', '--ckpt_dir={run_dir}', '--mask_lm_source_file={corpus}',"
+        " '--batch_size=32', '--sequence_length_lm=32']\n"
         "app.run(cli.guard(train_bert_lm.main))\n")
     return [sys.executable, "-c", code]
 
 
-def test_a_killed_pretraining_under_mirrored_strategy_resumes(tmp_path, data_flag):
+def test_a_killed_pretraining_under_mirrored_strategy_resumes(tmp_path, small_corpus):
     run_dir = str(tmp_path / "lm")
-    command = mirrored_pretraining(run_dir, data_flag)
+    command = mirrored_pretraining(run_dir, small_corpus)
     kill_when_written(command, os.path.join(run_dir, "backup", "state.json"))
     # the killed run's lock is taken over, not obeyed
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
