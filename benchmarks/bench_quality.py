@@ -81,6 +81,8 @@ QUICK = {
     "pretrained_flags": ["--num_epochs=2"],
     "fasttext_grid": [(0.5, 5)],
     "tfidf_c": (10.0,),
+    # apart from the full runs', so that a check never overwrites a run --resume reuses
+    "run_root": os.path.join(WORK, "quick"),
 }
 
 
@@ -243,7 +245,7 @@ def run_command(kind: str, backbone: str, task: str, budget: str, files: dict, s
               f"--test_data_file={files['test']}", f"--batch_size={settings['batch_size']}",
               f"--seed={seed}"] + ([f"--sequence_length={length}"] if length else [])
     tag = f"{kind}_seed{seed}" + (f"_lr{lr:g}" if lr else "")
-    run_dir = os.path.join(WORK, task, budget, tag)
+    run_dir = os.path.join(settings.get("run_root", WORK), task, budget, tag)
     if pretrained_dir:
         return ("train_bert_fine_tuning.py",
                 [*common, f"--pretrained_dir={pretrained_dir}", *settings["pretrained_flags"],

@@ -261,6 +261,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="training steps per timed repeat")
     parser.add_argument("--no_training", action="store_true", help="only the input pipeline, "
                         "inference and predict.py sections (printed, no report written)")
+    parser.add_argument("--with_xla", action="store_true",
+                        help="also time our models compiled with XLA (--jit_compile=True)")
     parser.add_argument("--rewrite_report", action="store_true",
                         help="only rewrite speed.md from speed.json (after a change to the report)")
     args = parser.parse_args()
@@ -284,9 +286,17 @@ def main() -> None:
         arms = {"ours": our_arm(task), "keras_hub": keras_hub_arm(task)}
         if task == "mlm":
             arms["textcnn"] = our_arm(task, "textcnn")
+        if args.with_xla:
+            arms["ours_xla"] = our_arm(task, jit_compile=True)
+            if task == "mlm":
+                arms["textcnn_xla"] = our_arm(task, "textcnn", jit_compile=True)
         rates = interleaved_throughput(arms, args.steps, repeats)
         results[task] = {name: summarize(r) for name, r in rates.items()}
         results[task]["ratio_vs_keras_hub"] = median_ratio(rates["ours"], rates["keras_hub"])
+        for name in ("ours_xla", "textcnn_xla"):
+            if name in rates:
+                results[task][name]["vs_without"] = median_ratio(
+                    rates[name], rates[name.removesuffix("_xla")])
         achieved = training_flops(task) / BATCH * results[task]["ours"]["median"] / 1e9
         results[task]["gflops"] = achieved
         results[task]["mfu_fp32"] = achieved / results["peak_gflops"]["fp32"]
@@ -323,6 +333,11 @@ def write_report(results: dict) -> None:
                            ("classifier, Transformer small", cls))),
         "", f"TextCNN small masked LM: {mlm['textcnn']['median']:.1f} seq/s (median), "
         f"{mlm['textcnn']['best']:.1f} best.",
+        *(f"With XLA (--jit_compile=True), {title}: {r[name]['median']:.1f} seq/s (median), "
+          f"{r[name]['best']:.1f} best, {r[name]['vs_without']:.2f}x without it."
+          for title, r, name in (("Transformer masked LM", mlm, "ours_xla"),
+                                 ("TextCNN masked LM", mlm, "textcnn_xla"),
+                                 ("Transformer classifier", cls, "ours_xla")) if name in r),
         f"Pretraining input pipeline alone: {results['input_seq_s']:.0f} seq/s = "
         f"{results['input_ratio']:.1f}x the Transformer's best training rate.", "",
         "| exported SavedModel, length 200 | batch 1 latency (ms) | batch 64 (docs/s) | "
