@@ -555,6 +555,15 @@ def _unpack_tokens(result: list[tuple]) -> list[tuple]:
             for no, joined, labels in result]
 
 
+def _encoded_blocks(path: str, tokenize_style: str, encoding: str, process_num: int | None,
+                    number: Callable[[list[str]], np.ndarray]) -> Iterator[tuple]:
+    """(line numbers, row lengths, ids) for every chunk of an unlabelled file, in file order,
+    with a progress line; `number` maps a chunk's distinct tokens to their int32 ids."""
+    for line_numbers, lengths, local_ids, distinct in _encoded_chunks(
+            path, tokenize_style, encoding, process_num):
+        yield line_numbers, lengths, number(distinct)[local_ids]
+
+
 def _encoded_chunks(path: str, tokenize_style: str, encoding: str,
                     process_num: int | None) -> Iterator[tuple]:
     """`_encode_chunk`'s results for every chunk of an unlabelled file, in file order, with a
@@ -1031,10 +1040,8 @@ def load_or_build_token_cache(path: str, vocab: Vocabulary, tokenize_style: str,
     if open_valid_cache(cache, fingerprint):
         print(f"Reusing token cache {cache}")
         return cache
-    blocks = ((line_numbers, lengths,
-               np.array([vocab.id_of(token) for token in distinct], np.int32)[local_ids])
-              for line_numbers, lengths, local_ids, distinct in
-              _encoded_chunks(path, tokenize_style, encoding, process_num))
+    blocks = _encoded_blocks(path, tokenize_style, encoding, process_num, lambda distinct:
+                             np.fromiter(map(vocab.id_of, distinct), np.int32, len(distinct)))
     _write_token_cache(cache, fingerprint, blocks, tokenize_style, path)
     return cache
 
@@ -1058,11 +1065,9 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
     _check_vocab_size(vocab_size)
     provisional: dict[str, int] = {}
     scratch = vocab_file[:-len(".txt")] + "-provisional.h5"  # rewritten by the next run if left
-    blocks = ((line_numbers, lengths,
-               np.fromiter((provisional.setdefault(token, len(provisional)) for token in distinct),
-                           np.int32, len(distinct))[local_ids])
-              for line_numbers, lengths, local_ids, distinct in
-              _encoded_chunks(path, tokenize_style, encoding, process_num))
+    blocks = _encoded_blocks(path, tokenize_style, encoding, process_num, lambda distinct:
+                             np.fromiter((provisional.setdefault(token, len(provisional))
+                                          for token in distinct), np.int32, len(distinct)))
     try:
         _write_token_cache(scratch, "provisional", blocks, tokenize_style, path, quiet=True)
         counts = np.zeros(len(provisional), np.int64)
