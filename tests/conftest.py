@@ -1,10 +1,12 @@
 """What every test shares: the repository on the import path (so a plain `pytest` works from any
-directory), the two tiers, and the sample data built once per session in a temporary directory.
+directory), the two tiers, and the sample data built once per session in a temporary directory
+(once for all workers when pytest-xdist runs the tests in parallel, `-n 2`).
 
 Default tier (`python -m pytest -q tests`): layers, models, data code, one training step each;
 what a developer runs after every change. Slow tier (`--run_slow`): the scripts end to end in
 subprocesses, sample-data builds, kill-and-resume and multi-replica runs; CI runs both.
 """
+import fcntl
 import os
 import subprocess
 import sys
@@ -42,8 +44,15 @@ def sample_data(tmp_path_factory) -> str:
     data/), with its caches beside it; pass it to the scripts as --data_path."""
     from data.prepare import ensure_sample_data
 
-    root = tmp_path_factory.mktemp("sample_data")
-    ensure_sample_data(str(root))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's directory, above every worker's own
+    root = base / "sample_data"
+    root.mkdir(exist_ok=True)
+    # the first worker builds, the others wait for it and then find the build complete
+    with open(base / "sample_data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_sample_data(str(root))
     return str(root)
 
 

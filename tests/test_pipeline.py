@@ -16,6 +16,9 @@ import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
+# under pytest-xdist, the tests that read the module's pretrained and fine-tuned runs go to one
+# worker, so the runs are made once
+SHARES_THE_RUNS = pytest.mark.xdist_group("pipeline_runs")
 
 
 def run(script: str, *flags: str, stdin: str | None = None, check: bool = True):
@@ -73,6 +76,7 @@ def best_constant_f1(run_dir: str) -> float:
     return model.f1_scores(test, priors, model.tune_thresholds(test, priors))["f1"]
 
 
+@SHARES_THE_RUNS
 def test_pretraining_writes_a_usable_run_directory(pretrained):
     run_dir, values = pretrained
     for name in ("config.json", "vocab.txt", "data_config.json", "backbone.weights.h5",
@@ -83,6 +87,7 @@ def test_pretraining_writes_a_usable_run_directory(pretrained):
     assert float(values["best_valid_mlm_loss"]) < np.log(30000)
 
 
+@SHARES_THE_RUNS
 def test_fine_tuning_reports_sane_scores_and_files(fine_tuned):
     run_dir, values = fine_tuned
     for key in ("test_micro_f1", "test_macro_f1", "test_f1", "best_valid_f1"):
@@ -107,6 +112,7 @@ def backbone_weights(backbone) -> list[np.ndarray]:
     return [np.asarray(w) for w in backbone.get_weights()]
 
 
+@SHARES_THE_RUNS
 def test_fine_tuning_starts_from_the_pretrained_backbone(pretrained, fine_tuned):
     import predict
 
@@ -123,6 +129,7 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(pretrained, fine_tuned)
             assert np.abs(after - before).mean() < 0.5 * np.abs(random - before).mean()
 
 
+@SHARES_THE_RUNS
 def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path, sample_data):
     run_dir, _ = fine_tuned
     text = "中国 政府 今天 在 北京 宣布 一 项 新 政策\n1998年 1月 人民 生活\n"
@@ -230,6 +237,7 @@ def test_a_killed_classifier_resumes_and_other_data_is_refused(tmp_path, data_fl
     assert 0.0 < float(summary(result.stdout, "scratch")["test_f1"]) <= 1.0
 
 
+@SHARES_THE_RUNS
 def test_hostile_input_ends_in_one_line(pretrained, fine_tuned, tmp_path, sample_data):
     """The fast half of benchmarks/bench_robustness.py: each case exits 2 with one line (the
     cases of one script share a process here; the benchmark gives each its own)."""

@@ -13,7 +13,8 @@ import data_util_hdf5 as data_util
 from data import prepare
 
 SCRIPT = Path(prepare.__file__)
-pytestmark = pytest.mark.slow  # every test here reads a real build of the sample data
+# every test here reads a real build of the sample data, made once on one pytest-xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prepare")]
 
 
 def key(text: str) -> str:
