@@ -14,9 +14,9 @@ thresholds.json, config.json, vocab.txt, labels.txt, data_config.json, history.j
 test_report.json, logs/.
 
 The default recipe needs no learning-rate search: the head starts at the label priors, the rate
-(--learning_rate; the backbone's --backbone_lr_scale of it) warms up over a tenth of the run and
-falls linearly to 0, training stops when validation F1 stalls for --early_stopping_patience
-epochs, and per-label thresholds are tuned on validation.
+(--learning_rate; the backbone's --backbone_lr_scale of it) warms up over a tenth of the run (at
+most an epoch) and falls linearly to 0, training stops when validation F1 stalls for
+--early_stopping_patience epochs, and per-label thresholds are tuned on validation.
 """
 import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
 
@@ -86,7 +86,7 @@ def main(_):
             pretrained.verified(run_directory.BACKBONE_WEIGHTS),
             expected_vocab_size=len(vocab), dropout=settings.dropout)
         classifier = classifier_task.build_and_compile(
-            backbone, *data.splits["train"], epochs * data.steps_per_epoch(), settings,
+            backbone, *data.splits["train"], epochs, data.steps_per_epoch(), settings,
             FLAGS.backbone_lr_scale, FLAGS.freeze_backbone)
     classifier_task.save_run_files(run, data, config, settings)
     start = classifier_task.evaluate(classifier, data, "valid")

@@ -52,7 +52,7 @@ def main(_):
     with strategy.scope():
         classifier = classifier_task.build_and_compile(
             model.build_backbone(config), *data.splits["train"],
-            epochs * data.steps_per_epoch(), settings)
+            epochs, data.steps_per_epoch(), settings)
     classifier_task.save_run_files(run, data, config, settings)
     start = classifier_task.evaluate(classifier, data, "valid")
     print(f"before training: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f}")
@@ -82,7 +82,7 @@ def run_toy_task(strategy, preset: str, timer: train_util.Timer,
     settings = dataclasses.replace(settings, bag_of_words=False)
     with strategy.scope():
         classifier = classifier_task.build_and_compile(
-            model.build_backbone(config), train_x, train_y, epochs * steps_per_epoch, settings)
+            model.build_backbone(config), train_x, train_y, epochs, steps_per_epoch, settings)
     classifier.fit(model.backbone_features(train_x), train_y,
                    batch_size=settings.batch_size, epochs=epochs,
                    validation_data=(model.backbone_features(test_x), test_y),

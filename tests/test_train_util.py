@@ -70,6 +70,27 @@ def test_schedule_keeps_the_originals_exponential_decay_on_request():
     assert float(schedule(300)) == pytest.approx(1.25e-4)
 
 
+@pytest.mark.parametrize("epochs, steps_per_epoch, warmup", [(63, 16, 16), (5, 50, 25)])
+def test_classifier_warms_up_over_a_tenth_of_the_run_but_no_more_than_an_epoch(
+        epochs, steps_per_epoch, warmup):
+    import classifier_task
+
+    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
+    ids = np.random.default_rng(0).integers(5, 50, size=(8, 12)).astype(np.int32)
+    labels = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+    classifier = classifier_task.build_and_compile(
+        model.build_backbone(config), ids, labels, epochs, steps_per_epoch,
+        classifier_task.ClassifierSettings(learning_rate=1e-3))
+    optimizer = classifier.optimizer
+
+    def rate_at(step: int) -> float:
+        optimizer.iterations.assign(step)
+        return float(optimizer.learning_rate)
+    assert rate_at(warmup - 2) < 1e-3
+    assert rate_at(warmup - 1) == pytest.approx(1e-3)
+    assert rate_at(epochs * steps_per_epoch) == 0.0
+
+
 @pytest.mark.slow
 def test_backbone_learns_at_its_scale_of_the_heads_rate():
     """Adam's first step moves every weight by about the learning rate, whatever its gradient,
