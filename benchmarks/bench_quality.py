@@ -26,6 +26,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import classifier_task  # noqa: E402
 import data_util_hdf5 as data_util  # noqa: E402
 import run_directory  # noqa: E402
 import model  # noqa: E402
@@ -260,12 +261,14 @@ def run_command(kind: str, backbone: str, task: str, budget: str, files: dict, s
 def run_one(kind: str, backbone: str, task: str, budget: str, files: dict, settings: dict,
             pretrained_dir: str | None, seed: int, lr: float | None) -> dict:
     """One training run through the user's script; its scores and validation curve. With
-    --resume, a run that finished with the same command is read back instead of repeated."""
+    --resume, a run that finished with the same command and recipe version
+    (classifier_task.RECIPE_VERSION) is read back instead of repeated."""
     script, flags, run_dir, log_name = run_command(kind, backbone, task, budget, files, settings,
                                                    pretrained_dir, seed, lr)
     record_path = os.path.join(run_dir, "benchmark_run.json")
     record = run_directory.read_json_file(record_path, {}) if RESUME else {}
-    if record.get("command") == [script, *flags]:
+    if record.get("command") == [script, *flags] \
+            and record.get("recipe") == classifier_task.RECIPE_VERSION:
         return record["run"]
     start = time.time()
     values = run_script(script, flags, log_name)
@@ -276,7 +279,8 @@ def run_one(kind: str, backbone: str, task: str, budget: str, files: dict, setti
            "valid_curve": [h["val_f1"] for h in history], "seconds": round(time.time() - start, 1)}
     print(f"  {task}/{budget} {log_name}: valid best {max(run['valid_curve']):.4f} after "
           f"{len(history)} epochs, test {run['test_f1']:.4f}", flush=True)
-    run_directory.write_json_file(record_path, {"command": [script, *flags], "run": run})
+    run_directory.write_json_file(record_path, {"command": [script, *flags], "run": run,
+                                                "recipe": classifier_task.RECIPE_VERSION})
     return run
 
 
