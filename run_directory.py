@@ -451,8 +451,9 @@ def restore(run: Run, model: keras.Model, epochs: int) -> tuple[int, bool, dict]
 
 class BestEpoch(keras.callbacks.Callback):
     """Keeps the best epoch's weights (by `monitor`), writes best.json and the history each
-    epoch, and stops after `patience` epochs without improvement (0: never). Its state travels
-    with the epoch backup, so a resumed run continues the same count."""
+    epoch (its logs and its wall time in seconds), and stops after `patience` epochs without
+    improvement (0: never). Its state travels with the epoch backup, so a resumed run continues
+    the same count."""
 
     def __init__(self, run: Run, monitor: str, mode: str, save: Callable[[], None],
                  patience: int = 0, restored: dict | None = None):
@@ -461,6 +462,7 @@ class BestEpoch(keras.callbacks.Callback):
             patience
         restored = restored or {}
         self.best, self.best_epoch = restored.get("best"), restored.get("best_epoch", 0)
+        self.epoch_start = time.monotonic()
 
     def state(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -470,8 +472,12 @@ class BestEpoch(keras.callbacks.Callback):
             return True
         return value < self.best if self.mode == "min" else value > self.best
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.monotonic()
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
+        seconds = round(time.monotonic() - self.epoch_start, 1)
         value = logs.get(self.monitor)
         if value is not None and self.improved(float(value)):
             self.best, self.best_epoch = float(value), epoch + 1
@@ -480,7 +486,8 @@ class BestEpoch(keras.callbacks.Callback):
                                        "monitor": self.monitor})
             print(f"\nepoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved")
         history = [h for h in read_json_file(self.run.file(HISTORY), []) if h["epoch"] <= epoch]
-        history.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}})
+        history.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()},
+                        "seconds": seconds})
         self.run.write_json(HISTORY, history)
         if self.patience and epoch + 1 - self.best_epoch >= self.patience:
             print(f"\nepoch {epoch + 1}: no better {self.monitor} for {self.patience} epochs; "

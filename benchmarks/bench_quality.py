@@ -210,6 +210,16 @@ def run_script(script: str, flags: list[str], log_name: str) -> dict:
     return dict(part.split("=", 1) for part in last.split()[1:])
 
 
+def training_seconds(run_dir: str, wall: float) -> float:
+    """The run's epochs' own wall times summed from its history: a run resumed after a kill
+    counts every epoch once, and time between invocations not at all. Histories written before
+    the epochs were timed fall back to `wall`, this invocation's time."""
+    history = run_directory.read_json_file(os.path.join(run_dir, "history.json"), [])
+    if history and all("seconds" in h for h in history):
+        return round(sum(h["seconds"] for h in history), 1)
+    return round(wall, 1)
+
+
 def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bool,
              epochs: int | None = None) -> dict:
     """One masked-LM pretraining run (its --num_epochs replaced by `epochs` when given)."""
@@ -230,7 +240,7 @@ def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bo
     values = run_script("train_bert_lm.py", [f"--backbone={backbone}", f"--ckpt_dir={run_dir}",
                                              f"--mask_lm_source_file={corpus}",
                                              "--sequence_length_lm=64", *fresh, *flags], name)
-    values["seconds"] = round(time.time() - start, 1)
+    values["seconds"] = training_seconds(run_dir, time.time() - start)
     values["flags"] = " ".join(flags)
     values["run_dir"] = run_dir
     run_directory.write_json_file(record, values)

@@ -235,6 +235,7 @@ def test_the_backup_restores_weights_optimizer_and_best_epoch(tmp_path):
     assert int(again.optimizer.iterations.numpy()) == int(net.optimizer.iterations.numpy()) > 0
     history = run_directory.read_json_file(run.file(run_directory.HISTORY))
     assert [h["epoch"] for h in history] == [1, 2]
+    assert all(isinstance(h["seconds"], float) and h["seconds"] >= 0 for h in history)
     fit(again, run, epochs=4, restored=best, initial_epoch=done)
     assert [h["epoch"] for h in run_directory.read_json_file(
         run.file(run_directory.HISTORY))] == [1, 2, 3, 4]
