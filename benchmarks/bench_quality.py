@@ -520,6 +520,14 @@ def replot(suffix: str) -> None:
     print(summary(results))
 
 
+def total_seconds(results: dict, pretraining: dict) -> float:
+    """What the rows in `results` cost: their runs (every learning rate tried) and the
+    pretraining they started from."""
+    return sum(float(p["seconds"]) for p in pretraining.values()) + sum(
+        r.get("seconds_all_lr", r["seconds"]) for t in results for b in results[t]
+        for r in results[t][b].values())
+
+
 def merge(names: list[str], suffix: str) -> None:
     """Join the results of runs made side by side under other --results_name's into this one
     (a row of a later name replaces the same row of an earlier one), then redraw."""
@@ -533,9 +541,10 @@ def merge(names: list[str], suffix: str) -> None:
             for budget, rows in budgets.items():
                 results.setdefault(task, {}).setdefault(budget, {}).update(rows)
         meta = {**part_meta, "pretraining": {**meta["pretraining"], **part_meta["pretraining"]},
-                "seconds": meta["seconds"] + part_meta["seconds"],
                 "pretrain_budgets": part_meta.get("pretrain_budgets") or meta["pretrain_budgets"],
                 "merged_from": names}
+    # the rows kept, not the parts' totals: a row a later part replaces would count twice
+    meta["seconds"] = round(total_seconds(results, meta["pretraining"]))
     run_directory.write_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json"), results)
     run_directory.write_json_file(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json"),
                                   meta)
@@ -660,9 +669,7 @@ def main() -> None:
     def save() -> None:
         # summed over the stages rather than timed end to end, so that a --resume'd run reports
         # the cost of the whole benchmark and not only of its last invocation
-        seconds = sum(float(p["seconds"]) for p in pretraining.values()) + sum(
-            r.get("seconds_all_lr", r["seconds"]) for t in results for b in results[t]
-            for r in results[t][b].values())
+        seconds = total_seconds(results, pretraining)
         run_directory.write_json_file(results_path, results)
         run_directory.write_json_file(meta_path, {"settings": "quick" if args.quick else "full",
                                                   "pretraining": pretraining,
