@@ -27,10 +27,10 @@ class ClassifierSettings:
     """Everything besides data and model that loading, training and reporting take.
 
     sequence_length None: long enough for most training examples (`choose_sequence_length`).
-    warmup_steps None: a tenth of the run, at most an epoch. decay_steps None: linear decay to 0 at the last step,
-    else the original's exponential decay (see train_util.WarmupDecay). cache_dir None: cache/
-    beside the training file. decision_rule: 'tuned' (per-label thresholds fitted on the
-    validation split) or 'half' (p >= 0.5, the original's rule).
+    warmup_steps None: a tenth of the run, at most an epoch. decay_steps None: linear decay to 0
+    at the last step, else the original's exponential decay (see train_util.WarmupDecay).
+    cache_dir None: cache/ beside the training file. decision_rule: 'tuned' (per-label
+    thresholds fitted on the validation split) or 'half' (p >= 0.5, the original's rule).
     """
     batch_size: int = 64
     sequence_length: int | None = None

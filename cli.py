@@ -93,9 +93,10 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                       "pretraining run's and refuses a different one.")
     flags.DEFINE_float("learning_rate", learning_rate, "Peak Adam learning rate.")
     flags.DEFINE_integer("warmup_steps", None, "Steps of linear learning-rate warm-up from 0; 0 "
-                         "turns it off. Default: a tenth of the run's steps, at most one epoch, for a "
-                         "classifier (a fresh head and post-LN blocks both start badly with a "
-                         "full step; a longer warm-up spends epochs that early stopping counts), a "
+                         "turns it off. Default: a tenth of the run's steps, at most one "
+                         "epoch, for a classifier (a fresh head and post-LN blocks both start "
+                         "badly with a full step; a longer warm-up spends epochs that early "
+                         "stopping counts), a "
                          "tenth of an epoch when pretraining a Transformer, else 0.")
     flags.DEFINE_integer("decay_steps", None, "Give it for the original's exponential decay, lr * "
                          "decay_rate^(step / decay_steps). Default: after warm-up the rate falls "
