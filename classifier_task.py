@@ -19,21 +19,20 @@ import train_util
 DECISION_RULES = ("tuned", "half")
 # Bumped whenever a default of the recipe changes what a run with the same flags computes, so
 # that a benchmark does not read back a run made under other defaults
-RECIPE_VERSION = 3  # 2: warm-up at most one epoch; 3: batches of 32 for small sets
+RECIPE_VERSION = 2  # 2: warm-up at most one epoch
 
 
 @dataclass(frozen=True)
 class ClassifierSettings:
     """Everything besides data and model that loading, training and reporting take.
 
-    batch_size None: chosen from the training split's size (`default_batch_size`).
     sequence_length None: long enough for most training examples (`choose_sequence_length`).
     warmup_steps None: a tenth of the run, at most an epoch. decay_steps None: linear decay to 0
     at the last step, else the original's exponential decay (see train_util.WarmupDecay).
     cache_dir None: cache/ beside the training file. decision_rule: 'tuned' (per-label
     thresholds fitted on the validation split) or 'half' (p >= 0.5, the original's rule).
     """
-    batch_size: int | None = None
+    batch_size: int = 64
     sequence_length: int | None = None
     dropout: float = 0.1
     learning_rate: float = 1e-3
@@ -97,18 +96,6 @@ def length_buckets(lengths: np.ndarray, batch_size: int) -> list[int]:
     return sorted({int(edge) for edge in edges})
 
 
-# Below this many training examples the default batch is SMALL_SET_BATCH_SIZE, not
-# BATCH_SIZE: an epoch of fewer than 80 steps gives early stopping's patience few updates to
-# judge by, and the first epochs of a small set are where a pretrained backbone should show.
-SMALL_SET_EXAMPLES = 5120
-BATCH_SIZE, SMALL_SET_BATCH_SIZE = 64, 32
-
-
-def default_batch_size(num_examples: int) -> int:
-    """The batch size a classifier trains with when none is given (see SMALL_SET_EXAMPLES)."""
-    return SMALL_SET_BATCH_SIZE if num_examples < SMALL_SET_EXAMPLES else BATCH_SIZE
-
-
 # The automatic sequence length leaves this share of training examples whole. The rest are
 # cut, as TF-IDF would not cut them: on the many-label sample task (documents of 289 tokens on
 # average) TF-IDF + LR reading only the first 200 tokens loses 0.036 F1 of its 0.358.
@@ -158,11 +145,9 @@ def load_data(files: dict[str, str], tokenize_style: str, settings: ClassifierSe
               "choose)")
     splits = {split: data_util.read_classification_split(cache, split, length)
               for split in files}
-    batch_size = settings.batch_size or default_batch_size(len(splits["train"][0]))
     print(", ".join(f"{split}: {len(ids)} examples" for split, (ids, _) in splits.items())
-          + f"; {len(labels)} labels; vocabulary {len(vocab)}; batch size {batch_size}"
-          + ("" if settings.batch_size else " (automatic; set --batch_size to choose)"))
-    return ClassificationData(vocab, labels, tokenize_style, splits, batch_size, length)
+          + f"; {len(labels)} labels; vocabulary {len(vocab)}")
+    return ClassificationData(vocab, labels, tokenize_style, splits, settings.batch_size, length)
 
 
 def save_run_files(run: run_directory.Run, data: ClassificationData,

@@ -79,9 +79,7 @@ if _verbosity_asked(sys.argv) < 1:
 # --------------------------------------------------------------------------- shared flags
 def define_common_flags(learning_rate: float, weight_decay: float, test_mode_help: str,
                         num_epochs: int | None = 10,
-                        num_epochs_help: str = "Passes over the training data.",
-                        batch_size: int | None = 64,
-                        batch_size_help: str = "Examples per step, over all replicas.") -> None:
+                        num_epochs_help: str = "Passes over the training data.") -> None:
     """Flags every training script has, with the same meaning everywhere."""
     flags.DEFINE_boolean("test_mode", False, test_mode_help)
     flags.DEFINE_string("data_path", None, "Directory of the sample data; built there on first "
@@ -108,7 +106,7 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
     flags.DEFINE_float("weight_decay", weight_decay, "Decoupled weight decay (AdamW) standing in "
                        "for the original's L2 term; 0 turns it off.")
     flags.DEFINE_float("dropout_keep_prob", 0.9, "1 - dropout rate, as in the original.")
-    flags.DEFINE_integer("batch_size", batch_size, batch_size_help)
+    flags.DEFINE_integer("batch_size", 64, "Examples per step, over all replicas.")
     flags.DEFINE_integer("num_epochs", num_epochs, num_epochs_help, lower_bound=1)
     flags.DEFINE_integer("process_num", None, "Tokenizing processes. Default: the number of cores "
                          "for --tokenize_style=word, 1 for char and space (splitting is cheaper "
@@ -151,7 +149,7 @@ def validate_common_flags() -> None:
     """Refuse, in one line each, the values of the shared flags that cannot work; called before
     any file is read or written."""
     check_flag_values([
-        ("batch_size", FLAGS.batch_size is None or FLAGS.batch_size >= 1, "at least 1"),
+        ("batch_size", FLAGS.batch_size >= 1, "at least 1"),
         ("learning_rate", FLAGS.learning_rate > 0, "above 0"),
         ("dropout_keep_prob", 0 < FLAGS.dropout_keep_prob <= 1, "in (0, 1]"),
         ("warmup_steps", (FLAGS.warmup_steps or 0) >= 0, "0 or more"),
@@ -287,13 +285,7 @@ def define_classifier_flags(default_learning_rate: float, default_ckpt_dir: str)
                         num_epochs=None, num_epochs_help="Passes over the training data, at "
                         "most. Default: enough for 1,000 steps, within 10 to 100 epochs (a "
                         "small labelled set needs many passes); early stopping ends most "
-                        "runs sooner.",
-                        batch_size=None, batch_size_help="Examples per step, over all "
-                        "replicas. Default: 64, or 32 when the training split has fewer than "
-                        "5,120 examples (under 80 steps an epoch at 64), so that a small "
-                        "labelled set takes twice the updates in the epochs early stopping "
-                        "counts (on the many-label sample task, valid F1 after 3 epochs 0.336 "
-                        "at 64, 0.352 at 32).")
+                        "runs sooner.")
     flags.DEFINE_string("task", "entities", "Sample task used when the data files are not given: "
                         "'entities' (multi-label, People's Daily paragraphs, 7 labels), "
                         "'mentions' (5-paragraph documents, 241 place/org labels with a long "

@@ -76,8 +76,7 @@ def run_toy_task(strategy, preset: str, timer: train_util.Timer,
     (train_x, train_y), (test_x, test_y) = (classifier_task.toy_task_data(n, 24, FLAGS.seed + i)
                                             for i, n in enumerate((4000, 1000)))
     config = cli.config_from_flags(classifier_task.TOY_VOCAB_SIZE, preset)
-    batch_size = settings.batch_size or classifier_task.default_batch_size(len(train_x))
-    steps_per_epoch = -(-len(train_x) // batch_size)
+    steps_per_epoch = -(-len(train_x) // settings.batch_size)
     epochs = cli.epochs_to_run(test_mode_default=10, steps_per_epoch=steps_per_epoch)
     # the backbone alone: counting 1s is what a bag of words would do for it
     settings = dataclasses.replace(settings, bag_of_words=False)
@@ -85,10 +84,10 @@ def run_toy_task(strategy, preset: str, timer: train_util.Timer,
         classifier = classifier_task.build_and_compile(
             model.build_backbone(config), train_x, train_y, epochs, steps_per_epoch, settings)
     classifier.fit(model.backbone_features(train_x), train_y,
-                   batch_size=batch_size, epochs=epochs,
+                   batch_size=settings.batch_size, epochs=epochs,
                    validation_data=(model.backbone_features(test_x), test_y),
                    verbose=train_util.fit_verbosity())
-    logits = model.predict_logits(classifier, test_x, batch_size)
+    logits = model.predict_logits(classifier, test_x, settings.batch_size)
     accuracy = float(np.mean((logits[:, 0] > 0) == (test_y[:, 0] > 0.5)))
     train_util.summary_line("toy_task", backbone=FLAGS.backbone, accuracy=accuracy,
                             seconds=timer.seconds())

@@ -58,7 +58,7 @@ FULL = {
     "pretrain_budget_epochs": (1, 3, 10),
     "model": {"textcnn": ["--preset=small", "--vocab_size=20000"],
               "transformer": ["--preset=small", "--num_layer=2", "--vocab_size=20000"]},
-    "batch_size": None,  # the scripts' default (classifier_task.default_batch_size)
+    "batch_size": 64,
     "scratch_lr": (3e-4, 1e-3, 3e-3),
     "seeds": SEEDS,
     "pretrained_flags": [],
@@ -76,7 +76,7 @@ QUICK = {
     "pretrain_budget_epochs": (1, 2),
     "model": {"textcnn": ["--preset=tiny", "--num_epochs=2"],
               "transformer": ["--preset=tiny", "--num_layer=2", "--num_epochs=2"]},
-    "batch_size": None,  # the scripts' default (classifier_task.default_batch_size)
+    "batch_size": 64,
     "scratch_lr": (1e-3,),
     "seeds": (42, 43),
     "pretrained_flags": ["--num_epochs=2"],
@@ -253,9 +253,8 @@ def run_command(kind: str, backbone: str, task: str, budget: str, files: dict, s
     """(script, flags, run directory, log name) of one training run."""
     length = settings["sequence_length"][task]
     common = [f"--training_data_file={files['train']}", f"--valid_data_file={files['valid']}",
-              f"--test_data_file={files['test']}", f"--seed={seed}"] \
-        + ([f"--sequence_length={length}"] if length else []) \
-        + ([f"--batch_size={settings['batch_size']}"] if settings["batch_size"] else [])
+              f"--test_data_file={files['test']}", f"--batch_size={settings['batch_size']}",
+              f"--seed={seed}"] + ([f"--sequence_length={length}"] if length else [])
     tag = f"{kind}_seed{seed}" + (f"_lr{lr:g}" if lr else "")
     run_dir = os.path.join(settings.get("run_root", WORK), task, budget, tag)
     if pretrained_dir:

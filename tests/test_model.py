@@ -1,6 +1,5 @@
 """model/: both backbones learn (the toy task, masked LM), behave (padding, gather, shapes) and
 save/load strictly. Tiny configs: d_model 32, 2 layers."""
-import dataclasses
 import json
 import warnings
 
@@ -426,22 +425,6 @@ def test_automatic_sequence_length_keeps_most_examples_whole(tmp_path, capsys):
                                        max_sequence_length=16)
     # rows filling the cap may have been longer: counted as cut (1 to 14 words fit whole)
     assert capped.sequence_length == 16 and "35% of the training" in capsys.readouterr().out
-
-
-def test_default_batch_is_halved_for_a_small_training_set(tmp_path, monkeypatch, capsys):
-    assert classifier_task.default_batch_size(classifier_task.SMALL_SET_EXAMPLES - 1) == 32
-    assert classifier_task.default_batch_size(classifier_task.SMALL_SET_EXAMPLES) == 64
-    files = {"train": str(tmp_path / "train.txt")}
-    open(files["train"], "w", encoding="utf-8").write(
-        "".join(f"w{i % 7} w{i % 5} __label__{'ab'[i % 2]}\n" for i in range(40)))
-    settings = classifier_task.ClassifierSettings(cache_dir=str(tmp_path / "cache"),
-                                                  process_num=1)
-    data = classifier_task.load_data(files, "space", settings, vocab_size=20)
-    assert data.batch_size == 32 and "batch size 32 (automatic" in capsys.readouterr().out
-    monkeypatch.setattr(classifier_task, "SMALL_SET_EXAMPLES", 40)
-    assert classifier_task.load_data(files, "space", settings, vocab=data.vocab).batch_size == 64
-    given = dataclasses.replace(settings, batch_size=5)
-    assert classifier_task.load_data(files, "space", given, vocab=data.vocab).batch_size == 5
 
 
 TWO_REPLICA_LOSS = """

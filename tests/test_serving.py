@@ -96,7 +96,8 @@ def save_run(run_dir: str, vocab: data_util.Vocabulary, labels: list[str], style
     (config, classifier) of tiny_classifier, else a fresh one."""
     config, classifier = made or tiny_classifier(vocab, labels)
     settings = classifier_task.ClassifierSettings(sequence_length=SEQUENCE_LENGTH, dropout=0.1)
-    data = classifier_task.ClassificationData(vocab, labels, style, {}, 8, SEQUENCE_LENGTH)
+    data = classifier_task.ClassificationData(vocab, labels, style, {}, settings.batch_size,
+                                              SEQUENCE_LENGTH)
     run, _ = run_directory.open_for_training(run_dir, "classifier", {"style": style}, False)
     try:
         classifier_task.save_run_files(run, data, config, settings)
