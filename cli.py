@@ -96,8 +96,8 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                          "turns it off. Default: a tenth of the run's steps, at most one "
                          "epoch, for a classifier (a fresh head and post-LN blocks both start "
                          "badly with a full step; a longer warm-up spends epochs that early "
-                         "stopping counts), a "
-                         "tenth of an epoch when pretraining a Transformer, else 0.")
+                         "stopping counts), a tenth of an epoch when pretraining a "
+                         "Transformer, else 0.")
     flags.DEFINE_integer("decay_steps", None, "Give it for the original's exponential decay, lr * "
                          "decay_rate^(step / decay_steps). Default: after warm-up the rate falls "
                          "linearly to 0 at the run's last step (--num_epochs x steps an epoch), "
