@@ -4,6 +4,7 @@ settings their flags give (cli.classifier_settings); a notebook builds Classifie
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import train_util
 DECISION_RULES = ("tuned", "half")
 # Bumped whenever a default of the recipe changes what a run with the same flags computes, so
 # that a benchmark does not read back a run made under other defaults
-RECIPE_VERSION = 2  # 2: warm-up at most one epoch
+RECIPE_VERSION = 3  # 2: warm-up at most one epoch; 3: bag-of-words rate chosen on valid
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ClassifierSettings:
     at the last step, else the original's exponential decay (see train_util.WarmupDecay).
     cache_dir None: cache/ beside the training file. decision_rule: 'tuned' (per-label
     thresholds fitted on the validation split) or 'half' (p >= 0.5, the original's rule).
+    bag_of_words_learning_rate None: chosen on valid (`choose_bag_of_words_rate`).
     """
     batch_size: int = 64
     sequence_length: int | None = None
@@ -41,7 +43,7 @@ class ClassifierSettings:
     decay_rate: float = 0.95
     weight_decay: float = 0.0
     bag_of_words: bool = True
-    bag_of_words_learning_rate: float = 10.0
+    bag_of_words_learning_rate: float | None = None
     jit_compile: bool = False
     early_stopping_patience: int = 3
     decision_rule: str = "tuned"
@@ -160,6 +162,8 @@ def save_run_files(run: run_directory.Run, data: ClassificationData,
                                                "sequence_length": data.sequence_length,
                                                "dropout": settings.dropout,
                                                "bag_of_words": settings.bag_of_words,
+                                               "bag_of_words_learning_rate":
+                                                   settings.bag_of_words_learning_rate,
                                                "num_labels": len(data.labels)})
 
 
@@ -171,40 +175,104 @@ def default_warmup_steps(epochs: int, steps_per_epoch: int) -> int:
     return min(epochs * steps_per_epoch // 10, steps_per_epoch)
 
 
+def make_optimizer(settings: ClassifierSettings, epochs: int,
+                   steps_per_epoch: int) -> train_util.DiscriminativeAdamW:
+    """The settings' AdamW on the classifier's schedule: warm-up (`default_warmup_steps` unless
+    the settings give one), then decay to 0 at the last of `epochs` x `steps_per_epoch` steps."""
+    warmup = settings.warmup_steps if settings.warmup_steps is not None \
+        else default_warmup_steps(epochs, steps_per_epoch)
+    return train_util.make_optimizer(settings.learning_rate, epochs * steps_per_epoch, warmup,
+                                     settings.decay_steps, settings.decay_rate,
+                                     settings.weight_decay)
+
+
+def learn_bag_of_words_by_sgd(classifier: keras.Model, optimizer: train_util.DiscriminativeAdamW,
+                              rate: float, learning_rate: float) -> None:
+    """The bag-of-words model's steps: SGD at `rate` on the schedule whose peak is
+    `learning_rate` (train_util.DiscriminativeAdamW.learn_by_sgd says why not Adam)."""
+    optimizer.learn_by_sgd(classifier.get_layer("bag_of_words").trainable_variables,
+                           rate / learning_rate)
+
+
 def build_and_compile(backbone: keras.Model, train_ids: np.ndarray, train_labels: np.ndarray,
                       epochs: int, steps_per_epoch: int, settings: ClassifierSettings,
                       backbone_lr_scale: float | None = None,
                       freeze_backbone: bool = False) -> keras.Model:
     """Classifier = backbone + multi-label head (+ the bag-of-words model when the settings say
-    so), compiled with the settings' optimiser.
+    so, at the settings' rate: see `choose_bag_of_words_rate`), compiled with the settings'
+    optimiser (`make_optimizer`).
 
     From the training split (ids int [N,T], multi-hot labels [N,labels]) the head's biases start
     at the label priors and the bag-of-words model takes its idf. `backbone_lr_scale` makes the
     backbone learn at that fraction of the learning rate (discriminative rates for a pretrained
-    backbone, whose features a full-size step would wreck while the new head is still random);
-    the bag-of-words model learns by SGD at its own rate
-    (train_util.DiscriminativeAdamW.learn_by_sgd). The schedule warms up (see
-    `default_warmup_steps`) and decays to 0 at the last of `epochs` x `steps_per_epoch` steps.
+    backbone, whose features a full-size step would wreck while the new head is still random).
     """
+    if settings.bag_of_words and settings.bag_of_words_learning_rate is None:
+        raise ValueError("the settings have no bag-of-words rate: choose_bag_of_words_rate first")
     backbone.trainable = not freeze_backbone
     classifier = model.build_classifier(backbone, train_labels.shape[1], settings.dropout,
                                         settings.bag_of_words)
     model.set_label_priors(classifier, train_labels.mean(axis=0))
-    if settings.bag_of_words:
-        model.set_document_frequencies(classifier, train_ids)
-    total_steps = epochs * steps_per_epoch
-    warmup = settings.warmup_steps if settings.warmup_steps is not None \
-        else default_warmup_steps(epochs, steps_per_epoch)
-    optimizer = train_util.make_optimizer(settings.learning_rate, total_steps, warmup,
-                                          settings.decay_steps, settings.decay_rate,
-                                          settings.weight_decay)
+    optimizer = make_optimizer(settings, epochs, steps_per_epoch)
     if backbone_lr_scale is not None and not freeze_backbone:
         optimizer.scale_learning_rate(backbone.trainable_variables, backbone_lr_scale)
     if settings.bag_of_words:
-        optimizer.learn_by_sgd(classifier.get_layer("bag_of_words").trainable_variables,
-                               settings.bag_of_words_learning_rate / settings.learning_rate)
+        model.set_document_frequencies(classifier, train_ids)
+        learn_bag_of_words_by_sgd(classifier, optimizer, settings.bag_of_words_learning_rate,
+                                  settings.learning_rate)
     model.compile_classifier(classifier, optimizer, settings.jit_compile)
     return classifier
+
+
+# Candidate rates of the bag-of-words model, and the epoch at which the linear model alone is
+# scored on valid to choose one. 10 suits short texts (the 1,000-line sentiment and entities
+# sets: 33-42 distinct words a document). An L2-normalised TF-IDF vector gives each word of a
+# long document a smaller value, so the same rate moves its predictions more slowly: on the
+# many-label sample task (165 words) the linear model alone peaked after 6 epochs at rate 10
+# and after 3-5 at 20, while the network had finished its fastest learning by epoch 3. Scored
+# at epoch 3 rather than at its best so far: a rate that peaks in epoch 1-2 and then overfits
+# (sentiment at 20) is too fast for a run that the network's pace stops, and on the three
+# sample tasks the rate that scored best at epoch 3 was the one the whole classifier did best
+# with (benchmarks/results/bag_of_words_probe.md).
+BAG_OF_WORDS_RATES = (10.0, 20.0, 40.0)
+BAG_OF_WORDS_TRIAL_EPOCHS = 3
+
+
+def bag_of_words_trial(data: ClassificationData, rate: float, epochs: int, planned_epochs: int,
+                       settings: ClassifierSettings) -> list[float]:
+    """Valid F1 (thresholds tuned on valid) after each of `epochs` epochs of the bag-of-words
+    model alone (model.build_bag_of_words_classifier), trained at `rate` on the schedule of a
+    run planned for `planned_epochs`."""
+    ids, gold = data.splits["train"]
+    trial = model.build_bag_of_words_classifier(len(data.vocab), gold.mean(axis=0))
+    model.set_document_frequencies(trial, ids)
+    optimizer = make_optimizer(settings, planned_epochs, data.steps_per_epoch())
+    learn_bag_of_words_by_sgd(trial, optimizer, rate, settings.learning_rate)
+    model.compile_classifier(trial, optimizer)
+    scores = train_util.ValidationScores(*data.splits["valid"], data.batch_size, tune=True)
+    history = trial.fit(data.training_dataset(settings.seed), epochs=epochs, callbacks=[scores],
+                        shuffle=False, verbose=0)
+    return [float(f1) for f1 in history.history["val_f1"]]
+
+
+def choose_bag_of_words_rate(data: ClassificationData, planned_epochs: int,
+                             settings: ClassifierSettings) -> ClassifierSettings:
+    """The settings with a bag-of-words rate: theirs when set, else the one of
+    BAG_OF_WORDS_RATES at which the linear model alone scores best on valid after
+    BAG_OF_WORDS_TRIAL_EPOCHS epochs (ties: the slower). A few seconds to a minute; the random
+    seed is set again afterwards, so the classifier starts as it would without the trial."""
+    if not settings.bag_of_words or settings.bag_of_words_learning_rate is not None:
+        return settings
+    scores = {rate: bag_of_words_trial(data, rate, BAG_OF_WORDS_TRIAL_EPOCHS, planned_epochs,
+                                       settings)[-1]
+              for rate in BAG_OF_WORDS_RATES}
+    chosen = max(scores, key=scores.get)  # the first of equal scores: the slower rate
+    keras.utils.set_random_seed(settings.seed)
+    print(f"bag-of-words rate {chosen:g} (valid F1 of the linear model alone after "
+          f"{BAG_OF_WORDS_TRIAL_EPOCHS} epochs: "
+          + ", ".join(f"rate {rate:g} {f1:.4f}" for rate, f1 in scores.items())
+          + "; set --bag_of_words_learning_rate to choose)")
+    return dataclasses.replace(settings, bag_of_words_learning_rate=chosen)
 
 
 def logits(classifier: keras.Model, data: ClassificationData, split: str) -> np.ndarray:

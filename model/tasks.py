@@ -80,6 +80,18 @@ def build_classifier(backbone: keras.Model, num_labels: int, dropout: float,
     return keras.Model(inputs, logits, name="classifier")
 
 
+def build_bag_of_words_classifier(vocab_size: int, priors: np.ndarray) -> keras.Model:
+    """The classifier's bag-of-words model alone (a layer named "bag_of_words"), its logits
+    offset by the log-odds of `priors` [num_labels] (fixed): for trying the linear part's
+    learning rate in seconds, without the backbone. Same inputs and outputs as
+    build_classifier's model."""
+    inputs = backbone_inputs()
+    logits = BagOfWordsLogits(vocab_size, len(priors), name="bag_of_words")(inputs["token_ids"])
+    p = np.clip(np.asarray(priors, np.float64), 1e-5, 1 - 1e-5)
+    log_odds = ops.convert_to_tensor((np.log(p) - np.log1p(-p)).astype(np.float32))
+    return keras.Model(inputs, logits + log_odds, name="bag_of_words_classifier")
+
+
 def set_document_frequencies(classifier: keras.Model, token_ids: np.ndarray) -> None:
     """Set the bag-of-words idf from training rows [N,T]: ln((1 + N) / (1 + df)) + 1, where df
     is the number of rows holding the word (scikit-learn's smoothed idf)."""

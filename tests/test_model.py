@@ -1,5 +1,6 @@
 """model/: both backbones learn (the toy task, masked LM), behave (padding, gather, shapes) and
 save/load strictly. Tiny configs: d_model 32, 2 layers."""
+import dataclasses
 import json
 import warnings
 
@@ -9,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import classifier_task
+import data_util_hdf5 as data_util
 import model
 
 BACKBONES = ("transformer", "textcnn")
@@ -404,7 +406,8 @@ def test_automatic_sequence_length_keeps_most_examples_whole(tmp_path, capsys):
     words = [f"w{i}" for i in range(60)]
     lines = [" ".join(words[:n]) + " __label__" + "ab"[n % 2] for n in range(1, 41)]
     files = {}
-    for split, rows in (("train", lines), ("valid", lines[::-1] + [" ".join(words) + " __label__a"])):
+    longest = " ".join(words) + " __label__a"
+    for split, rows in (("train", lines), ("valid", lines[::-1] + [longest])):
         files[split] = str(tmp_path / f"{split}.txt")
         open(files[split], "w", encoding="utf-8").write("\n".join(rows) + "\n")
     settings = classifier_task.ClassifierSettings(cache_dir=str(tmp_path / "cache"),
@@ -425,6 +428,46 @@ def test_automatic_sequence_length_keeps_most_examples_whole(tmp_path, capsys):
                                        max_sequence_length=16)
     # rows filling the cap may have been longer: counted as cut (1 to 14 words fit whole)
     assert capped.sequence_length == 16 and "35% of the training" in capsys.readouterr().out
+
+
+def word_label_data(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """[CLS] + 11 random words (ids 10-59), among which word 5 marks label 0 and word 6 label 1."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(10, 60, size=(rows, 12)).astype(np.int32)
+    gold = rng.integers(0, 2, size=(rows, 2)).astype(np.uint8)
+    ids[:, 1] = np.where(gold[:, 0], 5, ids[:, 1])
+    ids[:, 2] = np.where(gold[:, 1], 6, ids[:, 2])
+    ids[:, 0] = data_util.CLS_ID
+    return ids, gold
+
+
+def test_bag_of_words_rate_is_chosen_on_valid_and_the_seed_restored(capsys):
+    vocab = data_util.Vocabulary(list(data_util.SPECIAL_TOKENS)
+                                 + [f"w{i}" for i in range(60 - len(data_util.SPECIAL_TOKENS))])
+    data = classifier_task.ClassificationData(
+        vocab, ["a", "b"], "space",
+        {"train": word_label_data(256, 0), "valid": word_label_data(128, 1)}, 32, 12)
+    settings = classifier_task.ClassifierSettings()
+    # the linear model alone learns the marker words in its few trial epochs (the priors
+    # alone: 0.67 at best)
+    assert classifier_task.bag_of_words_trial(data, 10.0, 3, 10, settings)[-1] > 0.85
+    keras.utils.set_random_seed(settings.seed)
+    expected = keras.random.uniform((4,), seed=keras.random.SeedGenerator(0)).numpy()
+    chosen = classifier_task.choose_bag_of_words_rate(data, 10, settings)
+    assert chosen.bag_of_words_learning_rate in classifier_task.BAG_OF_WORDS_RATES
+    assert f"bag-of-words rate {chosen.bag_of_words_learning_rate:g} (valid F1" in \
+        capsys.readouterr().out
+    after = keras.random.uniform((4,), seed=keras.random.SeedGenerator(0)).numpy()
+    assert np.array_equal(after, expected)
+    # a rate given, or no bag of words, is left alone without a trial
+    for given in (dataclasses.replace(settings, bag_of_words_learning_rate=3.0),
+                  dataclasses.replace(settings, bag_of_words=False)):
+        assert classifier_task.choose_bag_of_words_rate(data, 10, given) is given
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="choose_bag_of_words_rate"):
+        classifier_task.build_and_compile(
+            model.build_backbone(tiny_config("textcnn", vocab_size=60)),
+            *data.splits["train"], 2, 8, settings)
 
 
 TWO_REPLICA_LOSS = """

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+import classifier_task
 import data_util_hdf5 as data_util
 import model
 
@@ -104,6 +105,9 @@ def test_fine_tuning_reports_sane_scores_and_files(fine_tuned):
     assert list(thresholds["thresholds"]) == labels
     assert all(0.0 < t < 1.0 for t in thresholds["thresholds"].values())
     assert report["decision_rule"] == "tuned"
+    # the bag-of-words rate the trial chose is recorded with the run
+    data_config = json.load(open(os.path.join(run_dir, "data_config.json"), encoding="utf-8"))
+    assert data_config["bag_of_words_learning_rate"] in classifier_task.BAG_OF_WORDS_RATES
     assert [r["threshold"] for r in report["per_label"]] == list(
         thresholds["thresholds"].values())
 

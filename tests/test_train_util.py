@@ -80,7 +80,7 @@ def test_classifier_warms_up_over_a_tenth_of_the_run_but_no_more_than_an_epoch(
     labels = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
     classifier = classifier_task.build_and_compile(
         model.build_backbone(config), ids, labels, epochs, steps_per_epoch,
-        classifier_task.ClassifierSettings(learning_rate=1e-3))
+        classifier_task.ClassifierSettings(learning_rate=1e-3, bag_of_words_learning_rate=10.0))
     optimizer = classifier.optimizer
 
     def rate_at(step: int) -> float:
