@@ -315,7 +315,8 @@ def define_classifier_flags(default_learning_rate: float, default_ckpt_dir: str)
                        "10, 20 or 40, whichever lets the linear model alone score best on the "
                        "validation split after 3 epochs (a trial of seconds to a minute): its "
                        "features are L2-normalised, so long documents need a faster rate (the "
-                       "many-label sample task: 20) than short texts (the reviews: 10).",
+                       "many-label sample task: 20 or 40, by seed) than short texts (the "
+                       "reviews: 10).",
                        lower_bound=0.0)
     flags.DEFINE_integer("early_stopping_patience", 3, "Stop when validation F1 has not improved "
                          "for this many epochs (the best epoch's weights are kept, as always); "

@@ -138,13 +138,14 @@ def run_tfidf(files: dict, grid) -> dict:
     for c in grid:
         # liblinear: the same objective as lbfgs (bar the intercept's penalty), ~10x faster on
         # hundreds of sparse one-vs-rest problems
-        model = OneVsRestClassifier(LogisticRegression(C=c, max_iter=2000, solver="liblinear"))
-        model.fit(x["train"], y["train"])
-        valid_probs = model.predict_proba(x["valid"])
+        classifier = OneVsRestClassifier(LogisticRegression(C=c, max_iter=2000,
+                                                            solver="liblinear"))
+        classifier.fit(x["train"], y["train"])
+        valid_probs = classifier.predict_proba(x["valid"])
         thresholds = model.tune_thresholds(y["valid"], valid_probs)
         valid = model.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
         if best is None or valid > best[0]:
-            best = (valid, c, model, thresholds)
+            best = (valid, c, classifier, thresholds)
     test_probs = best[2].predict_proba(x["test"])
     return classic_row(y["test"], test_probs, best[3], best[0], f"C={best[1]}",
                        time.time() - start)
@@ -160,21 +161,21 @@ def run_fasttext(files: dict, grid, multi_label: bool) -> dict:
     best = None
     for lr, epoch in grid:
         # thread >= 2: with one thread fastText 0.9.3 leaves weights uninitialised (BASELINES.md)
-        model = fasttext.train_supervised(files["train"], lr=lr, epoch=epoch, wordNgrams=2,
-                                          dim=100, loss="ova" if multi_label else "softmax",
-                                          thread=2, seed=1, verbose=0)
-        valid_probs = fasttext_probs(model, data["valid"][0], names)
+        classifier = fasttext.train_supervised(
+            files["train"], lr=lr, epoch=epoch, wordNgrams=2, dim=100,
+            loss="ova" if multi_label else "softmax", thread=2, seed=1, verbose=0)
+        valid_probs = fasttext_probs(classifier, data["valid"][0], names)
         thresholds = model.tune_thresholds(y["valid"], valid_probs)
         valid = model.f1_scores(y["valid"], valid_probs, thresholds)["f1"]
         if best is None or valid > best[0]:
-            best = (valid, (lr, epoch), model, thresholds)
+            best = (valid, (lr, epoch), classifier, thresholds)
     test_probs = fasttext_probs(best[2], data["test"][0], names)
     return classic_row(y["test"], test_probs, best[3], best[0],
                        f"lr={best[1][0]} epoch={best[1][1]}", time.time() - start)
 
 
-def fasttext_probs(model, texts: list[str], names: list[str]) -> np.ndarray:
-    labels, probs = model.predict(texts, k=-1, threshold=0.0)
+def fasttext_probs(classifier, texts: list[str], names: list[str]) -> np.ndarray:
+    labels, probs = classifier.predict(texts, k=-1, threshold=0.0)
     out = np.zeros((len(texts), len(names)))
     index = {n: i for i, n in enumerate(names)}
     for row, (row_labels, row_probs) in enumerate(zip(labels, probs)):

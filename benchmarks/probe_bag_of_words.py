@@ -68,6 +68,7 @@ def main() -> None:
         if args.choose:
             for seed in map(int, args.choose.split(",")):
                 settings = classifier_task.ClassifierSettings(seed=seed)
+                keras.utils.set_random_seed(seed)  # as the scripts do first
                 chosen = classifier_task.choose_bag_of_words_rate(data, planned_epochs(data),
                                                                   settings)
                 print(f"{task} seed {seed}: rate {chosen.bag_of_words_learning_rate:g}",

@@ -1,0 +1,41 @@
+"""benchmarks/bench_quality.py's classic rows on a tiny labelled set, with the real libraries:
+scikit-learn always, fastText where benchmarks/requirements.txt is installed."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import bench_quality  # noqa: E402
+
+
+def labelled_files(tmp_path) -> dict[str, str]:
+    """Lines of filler words in which 'good' marks __label__pos and 'bad' __label__neg."""
+    rng = np.random.default_rng(0)
+    files = {}
+    for split, rows in (("train", 200), ("valid", 60), ("test", 60)):
+        lines = []
+        for row in range(rows):
+            label = "pos" if row % 2 else "neg"
+            words = [f"w{i}" for i in rng.integers(0, 40, size=8)]
+            words.insert(int(rng.integers(0, 8)), "good" if label == "pos" else "bad")
+            lines.append(" ".join(words) + f" __label__{label}")
+        files[split] = str(tmp_path / f"{split}.txt")
+        open(files[split], "w", encoding="utf-8").write("\n".join(lines) + "\n")
+    return files
+
+
+def test_tfidf_row_picks_c_on_valid_and_scores_test(tmp_path):
+    row = bench_quality.run_tfidf(labelled_files(tmp_path), (1.0, 10.0))
+    assert row["chosen"] in ("C=1.0", "C=10.0")
+    assert row["test_f1"] > 0.95 and row["valid_f1_best"] > 0.95
+
+
+def test_fasttext_row_picks_its_grid_on_valid_and_scores_test(tmp_path):
+    pytest.importorskip("fasttext")
+    row = bench_quality.run_fasttext(labelled_files(tmp_path), [(0.5, 25)], multi_label=False)
+    assert row["chosen"] == "lr=0.5 epoch=25"
+    assert row["test_f1"] > 0.9
