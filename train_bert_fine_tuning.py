@@ -15,7 +15,8 @@ test_report.json, logs/.
 
 The default recipe needs no learning-rate search: the head starts at the label priors, the rate
 (--learning_rate; the backbone's --backbone_lr_scale of it) warms up over a tenth of the run (at
-most an epoch) and falls linearly to 0, training stops when validation F1 stalls for
+most an epoch) and falls linearly to 0, the bag-of-words model's own rate is picked by a 3-epoch
+trial of that model alone on validation, training stops when validation F1 stalls for
 --early_stopping_patience epochs, and per-label thresholds are tuned on validation.
 """
 import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
