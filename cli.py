@@ -231,8 +231,14 @@ def epochs_to_run(test_mode_default: int, steps_per_epoch: int | None = None) ->
         return test_mode_default
     if FLAGS.num_epochs:
         return FLAGS.num_epochs
+    return planned_classifier_epochs(steps_per_epoch or 1)
+
+
+def planned_classifier_epochs(steps_per_epoch: int) -> int:
+    """Enough epochs for MIN_CLASSIFIER_STEPS steps, within CLASSIFIER_EPOCHS_RANGE: what a
+    classifier plans when --num_epochs is not given."""
     low, high = CLASSIFIER_EPOCHS_RANGE
-    return int(np.clip(-(-MIN_CLASSIFIER_STEPS // max(steps_per_epoch or 1, 1)), low, high))
+    return int(np.clip(-(-MIN_CLASSIFIER_STEPS // max(steps_per_epoch, 1)), low, high))
 
 
 def config_from_flags(vocab_size: int, preset: str) -> model.ModelConfig:

@@ -14,7 +14,6 @@ benchmarks/results/bag_of_words_probe.json. --choose: the rate the scripts' defa
 for each seed (classifier_task.choose_bag_of_words_rate).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ import cli  # noqa: E402
 import data_util_hdf5 as data_util  # noqa: E402
 import run_directory  # noqa: E402
 
+
 def task_data(task: str, vocab: data_util.Vocabulary | None) -> classifier_task.ClassificationData:
     """The benchmark's training file of `task` (`sentiment` and `entities` at 1,000 lines,
     `mentions` whole) and valid, in `vocab` or (None) a vocabulary built from the training
@@ -41,12 +41,6 @@ def task_data(task: str, vocab: data_util.Vocabulary | None) -> classifier_task.
     files.pop("test", None)
     return classifier_task.load_data(files, "space", classifier_task.ClassifierSettings(),
                                      vocab=vocab, vocab_size=None if vocab else 20000)
-
-
-def planned_epochs(data: classifier_task.ClassificationData) -> int:
-    """The epochs the scripts plan when --num_epochs is not given (cli.epochs_to_run)."""
-    steps = data.steps_per_epoch()
-    return int(np.clip(-(-cli.MIN_CLASSIFIER_STEPS // steps), *cli.CLASSIFIER_EPOCHS_RANGE))
 
 
 def main() -> None:
@@ -65,18 +59,18 @@ def main() -> None:
     results = run_directory.read_json_file(path, {})
     for task in args.tasks.split(","):
         data = task_data(task, vocab)
+        planned = cli.planned_classifier_epochs(data.steps_per_epoch())
         if args.choose:
             for seed in map(int, args.choose.split(",")):
                 settings = classifier_task.ClassifierSettings(seed=seed)
                 keras.utils.set_random_seed(seed)  # as the scripts do first
-                chosen = classifier_task.choose_bag_of_words_rate(data, planned_epochs(data),
-                                                                  settings)
+                chosen = classifier_task.choose_bag_of_words_rate(data, planned, settings)
                 print(f"{task} seed {seed}: rate {chosen.bag_of_words_learning_rate:g}",
                       flush=True)
             continue
         for rate in (float(r) for r in args.rates.split(",")):
             keras.utils.set_random_seed(42)
-            f1 = classifier_task.bag_of_words_trial(data, rate, args.epochs, planned_epochs(data),
+            f1 = classifier_task.bag_of_words_trial(data, rate, args.epochs, planned,
                                                     classifier_task.ClassifierSettings())
             results.setdefault(task, {})[f"{rate:g}"] = [round(f, 4) for f in f1]
             run_directory.write_json_file(path, results)

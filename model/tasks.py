@@ -87,9 +87,8 @@ def build_bag_of_words_classifier(vocab_size: int, priors: np.ndarray) -> keras.
     build_classifier's model."""
     inputs = backbone_inputs()
     logits = BagOfWordsLogits(vocab_size, len(priors), name="bag_of_words")(inputs["token_ids"])
-    p = np.clip(np.asarray(priors, np.float64), 1e-5, 1 - 1e-5)
-    log_odds = ops.convert_to_tensor((np.log(p) - np.log1p(-p)).astype(np.float32))
-    return keras.Model(inputs, logits + log_odds, name="bag_of_words_classifier")
+    return keras.Model(inputs, logits + ops.convert_to_tensor(label_log_odds(priors)),
+                       name="bag_of_words_classifier")
 
 
 def set_document_frequencies(classifier: keras.Model, token_ids: np.ndarray) -> None:
@@ -128,9 +127,14 @@ def set_label_priors(classifier: keras.Model, frequencies) -> None:
     labels the first hundreds of steps only learn that most labels are absent. Starting at the
     priors, the first steps learn from the text instead.
     """
+    classifier.get_layer("classifier_head").dense.bias.assign(label_log_odds(frequencies))
+
+
+def label_log_odds(frequencies) -> np.ndarray:
+    """float32 log(p / (1 - p)) of each label's frequency, p kept within [1e-5, 1 - 1e-5] so a
+    label absent from (or in every row of) the training data gets a finite bias."""
     p = np.clip(np.asarray(frequencies, np.float64), 1e-5, 1 - 1e-5)
-    classifier.get_layer("classifier_head").dense.bias.assign((np.log(p) - np.log1p(-p))
-                                                              .astype(np.float32))
+    return (np.log(p) - np.log1p(-p)).astype(np.float32)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
