@@ -40,6 +40,7 @@ TASKS = ("sentiment", "entities", "mentions")
 BUDGETS = ("small", "full")
 SMALL_BUDGET_LINES = 1000
 SEEDS = (42, 43, 44)
+BACKBONE_NAMES = {"textcnn": "TextCNN", "transformer": "Transformer"}
 MODELS = ("fasttext", "tfidf_lr", "textcnn_scratch", "textcnn_pretrained",
           "transformer_scratch", "transformer_pretrained")
 
@@ -380,7 +381,8 @@ def write_table(results: dict, pretraining: dict, settings_name: str, seconds: f
                      f"steps, {p['seconds']:.0f} s, best valid masked-LM accuracy "
                      f"{float(p['best_valid_mlm_accuracy']):.3f}")
     if budgets_study:
-        lines += ["", "Pretraining budget (TextCNN; fine-tuned with the defaults on each task's "
+        name = BACKBONE_NAMES[budgets_study.get("backbone", "textcnn")]
+        lines += ["", f"Pretraining budget ({name}; fine-tuned with the defaults on each task's "
                   "small budget; test F1 mean ± sd over seeds):", "",
                   "| pretraining epochs | seconds | valid masked-LM accuracy | "
                   + " | ".join(budgets_study["tasks"]) + " |",
@@ -487,7 +489,7 @@ def plot_budgets(study: dict, path: str) -> None:
     ax.set_xscale("log")
     ax.minorticks_off()  # a log axis would label 2, 4, ... beside the budgets
     ax.set_xticks(epochs, [str(e) for e in epochs])
-    ax.set_xlabel("TextCNN pretraining epochs")
+    ax.set_xlabel(f"{BACKBONE_NAMES[study.get('backbone', 'textcnn')]} pretraining epochs")
     ax.set_ylabel("test average F1 (small budget)")
     ax.grid(alpha=0.3)
     accuracy = ax.twinx()
@@ -584,25 +586,28 @@ def pretraining_epochs(flags: list[str]) -> int | None:
 
 def pretraining_budget_study(sample: dict, settings: dict, corpus: str, suffix: str,
                              tasks: list[str], resume: bool, study: dict, save,
-                             main_lm: dict) -> dict:
-    """TextCNN pretrained for each budget of epochs, fine-tuned with the defaults on every
+                             main_lm: dict, backbone: str = "textcnn") -> dict:
+    """`backbone` pretrained for each budget of epochs, fine-tuned with the defaults on every
     task's small budget: how masked-LM accuracy and downstream F1 grow with pretraining."""
     study.setdefault("tasks", tasks)
+    if study.setdefault("backbone", backbone) != backbone:
+        sys.exit(f"error: this --results_name holds a {study['backbone']} study; "
+                 f"give another --results_name for {backbone}")
     done = {row["epochs"]: row for row in study.setdefault("rows", [])}
-    main_epochs = pretraining_epochs(settings["pretrain"]["textcnn"])
+    main_epochs = pretraining_epochs(settings["pretrain"][backbone])
     for epochs in settings["pretrain_budget_epochs"]:
         if epochs in done and all(t in done[epochs] for t in tasks):
             continue
         # the main table's pretraining and its fine-tuning runs are this budget's: reuse them
         is_main = epochs == main_epochs
-        lm = main_lm if is_main else pretrain("textcnn", settings, corpus, suffix, resume, epochs)
-        kind = "textcnn_pretrained" if is_main else f"textcnn_lm{epochs}ep"
+        lm = main_lm if is_main else pretrain(backbone, settings, corpus, suffix, resume, epochs)
+        kind = f"{backbone}_pretrained" if is_main else f"{backbone}_lm{epochs}ep"
         row = done.get(epochs) or {"epochs": epochs, "seconds": float(lm["seconds"]),
                                    "mlm_accuracy": float(lm["best_valid_mlm_accuracy"])}
         for task in tasks:
             if task not in row:
                 files = task_files(sample, task, "small", settings, suffix)
-                runs = [run_one(kind, "textcnn", task, "small", files, settings, lm["run_dir"],
+                runs = [run_one(kind, backbone, task, "small", files, settings, lm["run_dir"],
                                 seed, None) for seed in settings["seeds"]]
                 row[task] = seed_row(runs, "defaults", {}, 0.0)
         if epochs not in done:
@@ -634,11 +639,18 @@ def main() -> None:
                         help="comma-separated --results_name's of runs made side by side: join "
                              "them into --results_name and redraw")
     parser.add_argument("--pretrain_budgets", action="store_true",
-                        help="only the pretraining-budget study (TextCNN, small budgets)")
+                        help="only the pretraining-budget study (small budgets)")
+    parser.add_argument("--budget_backbone", choices=("textcnn", "transformer"),
+                        default="textcnn", help="the backbone of --pretrain_budgets")
+    parser.add_argument("--budget_epochs", default=None,
+                        help="comma-separated pretraining epochs of --pretrain_budgets "
+                             "(default: the settings' 1,3,10)")
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)
     if args.seeds:
         settings["seeds"] = settings["seeds"][:args.seeds]
+    if args.budget_epochs:
+        settings["pretrain_budget_epochs"] = tuple(int(e) for e in args.budget_epochs.split(","))
     if args.scratch_lr:
         settings["scratch_lr"] = tuple(float(lr) for lr in args.scratch_lr.split(","))
     suffix = "_quick" if args.quick else ""
@@ -657,7 +669,8 @@ def main() -> None:
     models = args.models.split(",")
     pretraining = {b: pretrain(b, settings, corpus, suffix, args.resume)
                    for b in ("textcnn", "transformer")
-                   if (b == "textcnn" if args.pretrain_budgets else f"{b}_pretrained" in models)}
+                   if (b == args.budget_backbone if args.pretrain_budgets
+                       else f"{b}_pretrained" in models)}
     print("pretraining:", json.dumps(pretraining), flush=True)
     results_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json")
     meta_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json")
@@ -684,7 +697,7 @@ def main() -> None:
     tasks = args.tasks.split(",")
     if args.pretrain_budgets:
         pretraining_budget_study(sample, settings, corpus, suffix, tasks, args.resume, study,
-                                 save, pretraining["textcnn"])
+                                 save, pretraining[args.budget_backbone], args.budget_backbone)
     else:
         for task in tasks:
             for budget in args.budgets.split(","):
