@@ -119,6 +119,11 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
     flags.DEFINE_boolean("jit_compile", False, "Compile the train step with XLA. Off by "
                          "default: on a 2-core AVX2 CPU it ran 0.4x to 1.0x the speed without "
                          "it (benchmarks/results/speed.md); worth trying on a GPU.")
+    flags.DEFINE_enum("mixed_precision", "off", list(train_util.PRECISIONS), "'bfloat16': layers "
+                      "compute in bfloat16, weights, logits and losses stay float32 (Keras' "
+                      "mixed_bfloat16 policy). Worth trying where the hardware has bfloat16 "
+                      "units (AVX512_BF16 or AMX CPUs, TPUs, Ampere and later GPUs); measured in "
+                      "benchmarks/results/speed.md. Weight files are float32 either way.")
     flags.DEFINE_integer("seed", 42, "Random seed for splits, initialisation, shuffling, masking.")
     flags.DEFINE_boolean("overwrite", False, "Replace what the run directory holds: a finished "
                          "run, or an unfinished one made with other data or settings. Without "
@@ -250,13 +255,15 @@ def config_from_flags(vocab_size: int, preset: str) -> model.ModelConfig:
 
 
 def start_run() -> tuple[train_util.Timer, tf.distribute.Strategy]:
-    """What every training script does first: start the clock, seed everything, pick the
-    --distribution_strategy and say how many replicas it trains on."""
+    """What every training script does first: start the clock, seed everything, set the
+    --mixed_precision policy, pick the --distribution_strategy and say how many replicas it
+    trains on."""
     timer = train_util.Timer()
     keras.utils.set_random_seed(FLAGS.seed)
+    policy = train_util.set_precision(FLAGS.mixed_precision)
     strategy = train_util.get_distribution_strategy(FLAGS.distribution_strategy)
     print(f"distribution: {FLAGS.distribution_strategy}, "
-          f"num_replicas_in_sync={strategy.num_replicas_in_sync}")
+          f"num_replicas_in_sync={strategy.num_replicas_in_sync}, dtype policy: {policy}")
     return timer, strategy
 
 

@@ -12,6 +12,18 @@ import tensorflow as tf
 import model
 
 STRATEGIES = ("one_device", "mirrored", "multi_worker_mirrored", "tpu")
+PRECISIONS = {"off": "float32", "bfloat16": "mixed_bfloat16"}
+
+
+def set_precision(name: str) -> str:
+    """Set the Keras dtype policy of every model built afterwards from a --mixed_precision value
+    ('off' or 'bfloat16') and return the policy's name. Under 'bfloat16' layers compute in
+    bfloat16 while weights, optimizer state, logits and losses stay float32, so weight files are
+    the same either way. bfloat16 has float32's range: no loss scaling is needed."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--mixed_precision={name!r} is not one of {', '.join(PRECISIONS)}")
+    keras.mixed_precision.set_global_policy(PRECISIONS[name])
+    return PRECISIONS[name]
 
 
 def get_distribution_strategy(name: str) -> tf.distribute.Strategy:

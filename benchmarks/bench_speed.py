@@ -33,8 +33,11 @@ import tensorflow as tf  # noqa: E402
 
 import model  # noqa: E402
 import pretrain_task  # noqa: E402
+import train_util  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+# our models with one setting changed, each compared with the arm named before its last "_"
+VARIANT_ARMS = ("ours_xla", "textcnn_xla", "ours_bf16", "textcnn_bf16")
 BATCH, LENGTH, MASKED, VOCAB, LABELS = 64, 200, 30, 30_000, 119
 SHAPE = dict(d_model=128, num_layer=6, num_header=8, d_k=16, d_v=16, d_ff=512)
 
@@ -124,8 +127,12 @@ def repeat(element) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensors(element).repeat()
 
 
-def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False):
+def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False,
+            precision: str = "off"):
+    """Our model and its data at the benchmark shape; `precision` is a --mixed_precision value,
+    in force while the model is built (a layer keeps the policy it was built under)."""
     batch = synthetic_batch()
+    train_util.set_precision(precision)
     config = model.config_from_preset("small", backbone=backbone, vocab_size=VOCAB,
                                       max_position=512)
     optimizer = keras.optimizers.AdamW(1e-4)
@@ -138,6 +145,7 @@ def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False)
         net = model.build_classifier(model.build_backbone(config), LABELS, 0.1)
         model.compile_classifier(net, optimizer, jit_compile=jit_compile)
         data = repeat((backbone_inputs(batch), batch["labels"]))
+    train_util.set_precision("off")
     return net, data
 
 
@@ -263,6 +271,9 @@ def main() -> None:
                         "inference and predict.py sections (printed, no report written)")
     parser.add_argument("--with_xla", action="store_true",
                         help="also time our models compiled with XLA (--jit_compile=True)")
+    parser.add_argument("--with_bf16", action="store_true",
+                        help="also time our models in mixed precision (--mixed_precision="
+                             "bfloat16); worth it where the CPU has AVX512_BF16 or AMX")
     parser.add_argument("--rewrite_report", action="store_true",
                         help="only rewrite speed.md from speed.json (after a change to the report)")
     args = parser.parse_args()
@@ -290,16 +301,26 @@ def main() -> None:
             arms["ours_xla"] = our_arm(task, jit_compile=True)
             if task == "mlm":
                 arms["textcnn_xla"] = our_arm(task, "textcnn", jit_compile=True)
+        if args.with_bf16:
+            arms["ours_bf16"] = our_arm(task, precision="bfloat16")
+            if task == "mlm":
+                arms["textcnn_bf16"] = our_arm(task, "textcnn", precision="bfloat16")
         rates = interleaved_throughput(arms, args.steps, repeats)
         results[task] = {name: summarize(r) for name, r in rates.items()}
         results[task]["ratio_vs_keras_hub"] = median_ratio(rates["ours"], rates["keras_hub"])
-        for name in ("ours_xla", "textcnn_xla"):
+        for name in VARIANT_ARMS:
             if name in rates:
                 results[task][name]["vs_without"] = median_ratio(
-                    rates[name], rates[name.removesuffix("_xla")])
+                    rates[name], rates[name.rsplit("_", 1)[0]])
+                results[task][name]["vs_keras_hub"] = median_ratio(rates[name],
+                                                                   rates["keras_hub"])
         achieved = training_flops(task) / BATCH * results[task]["ours"]["median"] / 1e9
         results[task]["gflops"] = achieved
         results[task]["mfu_fp32"] = achieved / results["peak_gflops"]["fp32"]
+        if "ours_bf16" in rates:
+            results[task]["ours_bf16"]["mfu_bf16"] = (
+                training_flops(task) / BATCH * results[task]["ours_bf16"]["median"] / 1e9
+                / results["peak_gflops"]["bf16"])
         del arms
         keras.backend.clear_session()
 
@@ -338,6 +359,14 @@ def write_report(results: dict) -> None:
           for title, r, name in (("Transformer masked LM", mlm, "ours_xla"),
                                  ("TextCNN masked LM", mlm, "textcnn_xla"),
                                  ("Transformer classifier", cls, "ours_xla")) if name in r),
+        *(f"With bf16 mixed precision (--mixed_precision=bfloat16), {title}: "
+          f"{r[name]['median']:.1f} seq/s (median), {r[name]['best']:.1f} best, "
+          f"{r[name]['vs_without']:.2f}x without it, {r[name]['vs_keras_hub']:.2f}x keras-hub "
+          f"(float32)" + (f", MFU {r[name]['mfu_bf16']:.2f} of the bf16 peak"
+                          if "mfu_bf16" in r[name] else "") + "."
+          for title, r, name in (("Transformer masked LM", mlm, "ours_bf16"),
+                                 ("TextCNN masked LM", mlm, "textcnn_bf16"),
+                                 ("Transformer classifier", cls, "ours_bf16")) if name in r),
         f"Pretraining input pipeline alone: {results['input_seq_s']:.0f} seq/s = "
         f"{results['input_ratio']:.1f}x the Transformer's best training rate.", "",
         "| exported SavedModel, length 200 | batch 1 latency (ms) | batch 64 (docs/s) | "
@@ -358,7 +387,10 @@ def write_report(results: dict) -> None:
         ("infer_b1_ms_textcnn", f"{inference['textcnn']['batch1_ms']:.1f}"),
         ("infer_b1_ms_transformer", f"{inference['transformer']['batch1_ms']:.1f}"),
         ("predict_docs_s", f"{results['predict']['docs_s']:.0f}"),
-        ("input_ratio", f"{results['input_ratio']:.1f}"))))
+        ("input_ratio", f"{results['input_ratio']:.1f}"),
+        *((("mlm_bf16_vs_keras_hub", f"{mlm['ours_bf16']['vs_keras_hub']:.2f}"),
+           ("cls_bf16_vs_keras_hub", f"{cls['ours_bf16']['vs_keras_hub']:.2f}"),
+           ("mfu_bf16", f"{mlm['ours_bf16']['mfu_bf16']:.2f}")) if "ours_bf16" in mlm else ()))))
     report = RESULTS / "speed.md"
     # what was written by hand after the summary block (notes on the run) is kept
     notes = report.read_text().split("```\n", 2)[2] if report.exists() and \

@@ -58,7 +58,8 @@ class MaskedLMHead(keras.layers.Layer):
     def call(self, sequence_output, masked_positions):
         hidden = self.layer_norm(self.transform(one_hot_gather(sequence_output, masked_positions)))
         logits = ops.matmul(hidden, ops.transpose(self.token_embedding.embeddings))
-        return logits + self.bias
+        # float32 out whatever the compute dtype: the softmax over the vocabulary needs it
+        return ops.cast(logits + self.bias, "float32")
 
     def compute_output_shape(self, sequence_output_shape, masked_positions_shape):
         return tuple(masked_positions_shape) + (self.vocab_size,)
@@ -77,10 +78,11 @@ class NextSentenceHead(keras.layers.Layer):
     """Is segment B the real continuation of A? Logits [B,2] from the pooled output."""
 
     def __init__(self, d_model: int, initializer_range: float = 0.02, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # logits stay float32 under mixed precision
         super().__init__(**kwargs)
         self.d_model, self.initializer_range = d_model, initializer_range
         self.dense = keras.layers.Dense(2, kernel_initializer=initializer(initializer_range),
-                                        name="logits")
+                                        dtype=self.dtype_policy, name="logits")
 
     def build(self, input_shape):
         self.dense.build((None, self.d_model))
@@ -103,13 +105,16 @@ class MultiLabelHead(keras.layers.Layer):
 
     def __init__(self, d_model: int, num_labels: int, dropout: float = 0.1,
                  initializer_range: float = 0.02, **kwargs):
+        # float32 under mixed precision too: a rare label's prior log-odds (about -9) and its
+        # small moves would drown in bfloat16's 8 bits of mantissa
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.d_model, self.num_labels = d_model, num_labels
         self.dropout, self.initializer_range = dropout, initializer_range
-        self.dropout_layer = keras.layers.Dropout(dropout)
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.dense = keras.layers.Dense(num_labels,
                                         kernel_initializer=initializer(initializer_range),
-                                        name="logits")
+                                        dtype=self.dtype_policy, name="logits")
 
     def build(self, input_shape):
         self.dense.build((None, self.d_model))
@@ -140,6 +145,7 @@ class BagOfWordsLogits(keras.layers.Layer):
     """
 
     def __init__(self, vocab_size: int, num_labels: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # TF-IDF sums and norms: float32 always
         super().__init__(**kwargs)
         self.vocab_size, self.num_labels = vocab_size, num_labels
 

@@ -360,6 +360,54 @@ def test_loading_fails_loudly_on_any_mismatch(tmp_path):
         model.load_backbone(str(tmp_path / "nowhere.json"), files[1])
 
 
+# ------------------------------------------------------------------ mixed precision
+@pytest.fixture
+def mixed_bfloat16():
+    """Keras' global dtype policy set to mixed_bfloat16 for one test, then float32 again."""
+    import train_util
+    train_util.set_precision("bfloat16")
+    try:
+        yield
+    finally:
+        train_util.set_precision("off")
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_mixed_bfloat16_keeps_weights_logits_and_weight_files_float32(backbone, tmp_path,
+                                                                      mixed_bfloat16):
+    """Layers compute in bfloat16; weights, logits and losses stay float32, so a backbone
+    trained this way loads into a float32 model and scores (nearly) alike."""
+    config = tiny_config(backbone)
+    pretrainer = model.build_pretraining_model(model.build_backbone(config), use_nsp=True)
+    model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(1e-3), True)
+    ids = random_ids(4, 8)
+    x = {**inputs_for(ids), "masked_positions": np.array([[1, 2]] * 4, np.int32)}
+    outputs = pretrainer(x)
+    assert pretrainer.backbone(inputs_for(ids))["sequence_output"].dtype == tf.bfloat16
+    assert outputs["mlm"].dtype == tf.float32 and outputs["nsp"].dtype == tf.float32
+    logs = pretrainer.train_on_batch(x, {"mlm": ids[:, 1:3], "nsp": np.array([0, 1, 0, 1])},
+                                     return_dict=True)
+    assert np.isfinite(logs["loss"])
+    assert {w.dtype for w in pretrainer.weights} == {"float32"}
+
+    classifier = model.build_classifier(pretrainer.backbone, 3, 0.0, bag_of_words=True)
+    model.set_document_frequencies(classifier, ids)
+    assert classifier(inputs_for(ids)).dtype == tf.float32
+    files = save(pretrainer.backbone, config, tmp_path)
+    mixed_pooled = pretrainer.backbone(inputs_for(ids))["pooled_output"].numpy()
+    keras.mixed_precision.set_global_policy("float32")
+    loaded, _ = model.load_backbone(*files)
+    assert {w.dtype for w in loaded.weights} == {"float32"}
+    pooled = loaded(inputs_for(ids))["pooled_output"].numpy()
+    np.testing.assert_allclose(pooled, mixed_pooled.astype(np.float32), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_toy_task_is_learnt_in_mixed_bfloat16(backbone, mixed_bfloat16):
+    test_toy_task_is_learnt_by_both_backbones(backbone)
+
+
 # ----------------------------------------------------------------------------- XLA
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", BACKBONES)

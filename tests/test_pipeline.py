@@ -176,10 +176,13 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path, sample_data):
     assert served["probabilities"].shape == (1, len(labels))
 
 
-def test_toy_task_summary():
+@pytest.mark.parametrize("precision", ["off", "bfloat16"])
+def test_toy_task_summary(precision):
     toy = run("train_transform.py", "--toy_task=True", "--backbone=textcnn", "--test_mode=True",
-              "--num_epochs=3")
+              "--num_epochs=3", f"--mixed_precision={precision}")
     assert float(summary(toy.stdout, "toy_task")["accuracy"]) >= 0.9
+    policy = "mixed_bfloat16" if precision == "bfloat16" else "float32"
+    assert f"dtype policy: {policy}" in toy.stdout
 
 
 def test_many_labels_start_at_their_priors_and_a_stalled_run_stops(tmp_path, data_flag):
