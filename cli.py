@@ -118,12 +118,13 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                       "GPUs; multi_worker_mirrored: TF_CONFIG cluster; tpu).")
     flags.DEFINE_boolean("jit_compile", False, "Compile the train step with XLA. Off by "
                          "default: on a 2-core AVX2 CPU it ran 0.4x to 1.0x the speed without "
-                         "it (benchmarks/results/speed.md); worth trying on a GPU.")
+                         "it (benchmarks/results/speed_zen3.md); worth trying on a GPU.")
     flags.DEFINE_enum("mixed_precision", "off", list(train_util.PRECISIONS), "'bfloat16': layers "
                       "compute in bfloat16, weights, logits and losses stay float32 (Keras' "
-                      "mixed_bfloat16 policy). Worth trying where the hardware has bfloat16 "
-                      "units (AVX512_BF16 or AMX CPUs, TPUs, Ampere and later GPUs); measured in "
-                      "benchmarks/results/speed.md. Weight files are float32 either way.")
+                      "mixed_bfloat16 policy). Off by default: on a 2-core AVX512_BF16 CPU it "
+                      "trained the TextCNN 1.23x faster and the Transformer no faster "
+                      "(benchmarks/results/speed.md). Worth trying on TPUs and Ampere or later "
+                      "GPUs. Weight files are float32 either way.")
     flags.DEFINE_integer("seed", 42, "Random seed for splits, initialisation, shuffling, masking.")
     flags.DEFINE_boolean("overwrite", False, "Replace what the run directory holds: a finished "
                          "run, or an unfinished one made with other data or settings. Without "
