@@ -233,7 +233,9 @@ def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bo
     run_dir = os.path.join(WORK, name)
     record = os.path.join(run_dir, "benchmark_pretraining.json")
     if resume and os.path.exists(record):
-        return run_directory.read_json_file(record)
+        # the directory it sits in, not the one it was written in: a work tree copied or
+        # mounted elsewhere resumes too
+        return {**run_directory.read_json_file(record), "run_dir": run_dir}
     # a long pretraining killed part-way continues from its last epoch under --resume: the
     # script resumes a directory whose run has the same fingerprint (and refuses, with a
     # message, one that differs)
