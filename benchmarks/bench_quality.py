@@ -383,9 +383,8 @@ def write_table(results: dict, pretraining: dict, settings_name: str, seconds: f
                      f"steps, {p['seconds']:.0f} s, best valid masked-LM accuracy "
                      f"{float(p['best_valid_mlm_accuracy']):.3f}")
     if budgets_study:
-        name = BACKBONE_NAMES[budgets_study.get("backbone", "textcnn")]
-        lines += ["", f"Pretraining budget ({name}; fine-tuned with the defaults on each task's "
-                  "small budget; test F1 mean ± sd over seeds):", "",
+        lines += ["", f"Pretraining budget ({study_backbone(budgets_study)}; fine-tuned with "
+                  "the defaults on each task's small budget; test F1 mean ± sd over seeds):", "",
                   "| pretraining epochs | seconds | valid masked-LM accuracy | "
                   + " | ".join(budgets_study["tasks"]) + " |",
                   "|---|---|---|" + "---|" * len(budgets_study["tasks"])]
@@ -473,6 +472,12 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def study_backbone(study: dict) -> str:
+    """The display name of a pretraining-budget study's backbone (studies written before the
+    study took a backbone were the TextCNN's)."""
+    return BACKBONE_NAMES[study.get("backbone", "textcnn")]
+
+
 def plot_budgets(study: dict, path: str) -> None:
     """Downstream test F1 and valid masked-LM accuracy against the pretraining epochs."""
     import matplotlib
@@ -491,7 +496,7 @@ def plot_budgets(study: dict, path: str) -> None:
     ax.set_xscale("log")
     ax.minorticks_off()  # a log axis would label 2, 4, ... beside the budgets
     ax.set_xticks(epochs, [str(e) for e in epochs])
-    ax.set_xlabel(f"{BACKBONE_NAMES[study.get('backbone', 'textcnn')]} pretraining epochs")
+    ax.set_xlabel(f"{study_backbone(study)} pretraining epochs")
     ax.set_ylabel("test average F1 (small budget)")
     ax.grid(alpha=0.3)
     accuracy = ax.twinx()
@@ -642,7 +647,7 @@ def main() -> None:
                              "them into --results_name and redraw")
     parser.add_argument("--pretrain_budgets", action="store_true",
                         help="only the pretraining-budget study (small budgets)")
-    parser.add_argument("--budget_backbone", choices=("textcnn", "transformer"),
+    parser.add_argument("--budget_backbone", choices=tuple(BACKBONE_NAMES),
                         default="textcnn", help="the backbone of --pretrain_budgets")
     parser.add_argument("--budget_epochs", default=None,
                         help="comma-separated pretraining epochs of --pretrain_budgets "

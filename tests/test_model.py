@@ -12,6 +12,7 @@ import tensorflow as tf
 import classifier_task
 import data_util_hdf5 as data_util
 import model
+import train_util
 
 BACKBONES = ("transformer", "textcnn")
 
@@ -364,7 +365,6 @@ def test_loading_fails_loudly_on_any_mismatch(tmp_path):
 @pytest.fixture
 def mixed_bfloat16():
     """Keras' global dtype policy set to mixed_bfloat16 for one test, then float32 again."""
-    import train_util
     train_util.set_precision("bfloat16")
     try:
         yield
@@ -395,7 +395,7 @@ def test_mixed_bfloat16_keeps_weights_logits_and_weight_files_float32(backbone, 
     assert classifier(inputs_for(ids)).dtype == tf.float32
     files = save(pretrainer.backbone, config, tmp_path)
     mixed_pooled = pretrainer.backbone(inputs_for(ids))["pooled_output"].numpy()
-    keras.mixed_precision.set_global_policy("float32")
+    train_util.set_precision("off")
     loaded, _ = model.load_backbone(*files)
     assert {w.dtype for w in loaded.weights} == {"float32"}
     pooled = loaded(inputs_for(ids))["pooled_output"].numpy()
