@@ -17,6 +17,7 @@ pretrained for 1, 3 and 10 epochs, fine-tuned on each task's small budget.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -281,8 +282,8 @@ def run_one(kind: str, backbone: str, task: str, budget: str, files: dict, setti
                                                    pretrained_dir, seed, lr)
     record_path = os.path.join(run_dir, "benchmark_run.json")
     record = run_directory.read_json_file(record_path, {}) if RESUME else {}
-    if record.get("command") == [script, *flags] \
-            and record.get("recipe") == classifier_task.RECIPE_VERSION:
+    if record.get("recipe") == classifier_task.RECIPE_VERSION and \
+            same_command(record.get("command", []), [script, *flags]):
         return record["run"]
     start = time.time()
     values = run_script(script, flags, log_name)
@@ -296,6 +297,19 @@ def run_one(kind: str, backbone: str, task: str, budget: str, files: dict, setti
     run_directory.write_json_file(record_path, {"command": [script, *flags], "run": run,
                                                 "recipe": classifier_task.RECIPE_VERSION})
     return run
+
+
+# a flag's path up to the repository's own part (benchmarks/work/..., data/...)
+_CLONE_ROOT = re.compile(r"=/\S*?/(benchmarks/work/|data/)")
+
+
+def same_command(recorded: list[str], command: list[str]) -> bool:
+    """Whether `recorded` ran `command`, perhaps from another clone of this repository (the
+    benchmarks run from scratch clones whose benchmarks/work links to one real directory)."""
+    def portable(parts: list[str]) -> list[str]:
+        return [_CLONE_ROOT.sub(r"=<root>/\1", part) for part in parts]
+
+    return portable(recorded) == portable(command)
 
 
 def run_classifier(kind: str, backbone: str, task: str, budget: str, files: dict,

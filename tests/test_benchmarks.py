@@ -39,3 +39,19 @@ def test_fasttext_row_picks_its_grid_on_valid_and_scores_test(tmp_path):
     row = bench_quality.run_fasttext(labelled_files(tmp_path), [(0.5, 25)], multi_label=False)
     assert row["chosen"] == "lr=0.5 epoch=25"
     assert row["test_f1"] > 0.9
+
+
+def test_a_finished_run_is_recognised_from_another_clone():
+    def command(data: str, work: str, seed: int = 42) -> list[str]:
+        return ["train_bert_fine_tuning.py", f"--training_data_file={data}/data/entities/train.txt",
+                f"--seed={seed}", f"--pretrained_dir={work}/benchmarks/work/lm_textcnn",
+                f"--ckpt_dir_save={work}/benchmarks/work/entities/small/textcnn_pretrained_seed42"]
+
+    here = bench_quality.ROOT
+    same = bench_quality.same_command
+    assert same(command("/tmp/clone", "/tmp/clone"), command(here, here))
+    assert same(command("/tmp/clone", here), command(here, here))  # its pretraining elsewhere
+    assert not same(command("/tmp/clone", "/tmp/clone", 43), command(here, here))
+    assert not same(command(here, here) + ["--bag_of_words=False"], command(here, here))
+    assert not same(command(here, here)[:-1] + ["--ckpt_dir_save=/tmp/x/other_seed42"],
+                    command(here, here))
