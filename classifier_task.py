@@ -78,8 +78,8 @@ class ClassificationData:
                 .bucket_by_sequence_length(lambda x, y: tf.shape(x)[0], edges,
                                            [self.batch_size] * (len(edges) + 1))
                 .map(lambda x, y: (model.backbone_features(model.pad_to_multiple(x)), y)))
-        return (data.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch()))
-                .prefetch(tf.data.AUTOTUNE))
+        return model.prefetched(
+            data.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch())))
 
     def steps_per_epoch(self) -> int:
         """Training batches an epoch: one part-filled batch at most per length bucket."""

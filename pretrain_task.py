@@ -295,8 +295,8 @@ def make_pretraining_dataset(token_ids: np.ndarray, vocab_size: int, batch_size:
         dataset = dataset.shuffle(min(len(token_ids), 100_000), seed=seed,
                                   reshuffle_each_iteration=True)
     max_predictions = max_predictions_for(token_ids.shape[1], mask_rate)
-    return _masked(dataset.batch(batch_size), vocab_size, mask_rate, max_predictions, seed,
-                   fixed_masks).prefetch(tf.data.AUTOTUNE)
+    return model.prefetched(_masked(dataset.batch(batch_size), vocab_size, mask_rate,
+                                    max_predictions, seed, fixed_masks))
 
 
 def _masked(batches: tf.data.Dataset, vocab_size: int, mask_rate: float, max_predictions: int,
@@ -521,8 +521,7 @@ def _streamed(split: CacheSplit, vocab_size: int, settings: PretrainingSettings,
     batches = _masked(rows.batch(settings.batch_size), vocab_size, settings.mask_rate,
                       max_predictions, seed, fixed_masks=not shuffle)
     steps = -(-num_examples // settings.batch_size)
-    return batches.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(
-        tf.data.AUTOTUNE)
+    return model.prefetched(batches.apply(tf.data.experimental.assert_cardinality(steps)))
 
 
 def _chunk_dataset(split: CacheSplit, index: tf.Tensor) -> tf.data.Dataset:

@@ -102,6 +102,24 @@ def set_document_frequencies(classifier: keras.Model, token_ids: np.ndarray) -> 
     layer.idf.assign((np.log((1 + len(token_ids)) / (1 + df)) + 1).astype(np.float32))
 
 
+# Batches a pipeline prepares ahead of the model: ours read arrays already in memory
+PREFETCH_BATCHES = 2
+
+
+def prefetched(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` with PREFETCH_BATCHES batches prepared ahead and tf.data's autotuning off.
+
+    Deleting an autotuned iterator waits for the autotuning thread's next wake-up, and its
+    sleep doubles from 10 ms (wake-ups 5.1 s and 10.2 s after the start, ...). Keras deletes an
+    iterator after every epoch and every evaluation, so each waited up to seconds for nothing:
+    a 1,000-line fine-tuning epoch took 5.0 s instead of 4.4 s, and a timed 2-step fit 5.1 s
+    instead of 4.2 s. Our pipelines read arrays in memory and have nothing else to tune.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.prefetch(PREFETCH_BATCHES).with_options(options)
+
+
 def predict_logits(classifier: keras.Model, token_ids: np.ndarray, batch_size: int) -> np.ndarray:
     """The classifier's logits [N, labels] for id rows [N,T], in the rows' order.
 
@@ -112,9 +130,8 @@ def predict_logits(classifier: keras.Model, token_ids: np.ndarray, batch_size: i
     if len(token_ids) == 0:
         return np.zeros((0, classifier.output_shape[-1]), np.float32)
     order = np.argsort(np.sum(token_ids != PAD_ID, axis=1), kind="stable")
-    batches = (tf.data.Dataset.from_tensor_slices(token_ids[order]).batch(batch_size)
-               .map(lambda ids: backbone_features(trim_padding(ids)))
-               .prefetch(tf.data.AUTOTUNE))
+    batches = prefetched(tf.data.Dataset.from_tensor_slices(token_ids[order]).batch(batch_size)
+                         .map(lambda ids: backbone_features(trim_padding(ids))))
     logits = np.empty((len(token_ids), classifier.output_shape[-1]), np.float32)
     logits[order] = classifier.predict(batches, verbose=0)
     return logits
