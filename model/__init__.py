@@ -7,7 +7,8 @@ from .config import (BACKBONES, PRESETS, ConfigError, ModelConfig, check_sequenc
 from .heads import (BagOfWordsLogits, MaskedLMHead, MultiLabelHead, NextSentenceHead,
                     one_hot_gather)
 from .io import BackboneMismatchError, load_backbone
-from .layers import Embeddings, Pooler, SelfAttention, TextCNNEncoder, TransformerBlock
+from .layers import (AttentionDropout, Embeddings, Pooler, SelfAttention, TextCNNEncoder,
+                     TransformerBlock)
 from .tasks import (MaskedLMAccuracy, PretrainingModel, build_bag_of_words_classifier,
                     build_classifier, build_pretraining_model, compile_classifier,
                     compile_pretraining_model, masked_lm_loss, multilabel_loss, predict_logits,

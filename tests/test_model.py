@@ -240,6 +240,8 @@ def _built_embedding() -> keras.layers.Embedding:
 LAYER_CASES = {
     "embeddings": (lambda: model.Embeddings(50, 32, 64, 2, 0.1, 0.02, name="embeddings"),
                    lambda: (random_ids(2, 6), np.array([[0, 0, 0, 1, 1, 1]] * 2, np.int32))),
+    "attention_dropout": (lambda: model.AttentionDropout(0.1, seed=3, name="attention_dropout"),
+                          lambda: (_sequence(),)),
     "self_attention": (lambda: model.SelfAttention(32, 4, 8, 8, 0.1, 0.02, name="self_attention"),
                        lambda: (_sequence(), _padding())),
     "transformer_layer": (lambda: model.TransformerBlock(32, 4, 8, 8, 64, 0.1, 0.02,
@@ -299,6 +301,26 @@ def test_every_layer_re_created_from_its_config_computes_the_same(case):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(*inputs)), expected)
     assert json.dumps(again.get_config(), sort_keys=True, default=str) == json.dumps(
         config, sort_keys=True, default=str)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_attention_dropout_drops_at_its_rate_keeps_the_mean_and_routes_gradients(rate):
+    layer = model.AttentionDropout(rate, seed=1)
+    x = tf.ones([4, 8, 125, 125])  # an odd number of elements a batch row is fine too
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+    dropped = keras.ops.convert_to_numpy(y) == 0
+    assert abs(dropped.mean() - rate) < 0.005
+    assert abs(float(tf.reduce_mean(y)) - 1.0) < 0.01
+    kept_value = 1 / (1 - round(rate * 65536) / 65536)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(y)[~dropped], kept_value, rtol=1e-6)
+    gradient = keras.ops.convert_to_numpy(tape.gradient(y, x))
+    np.testing.assert_array_equal(gradient == 0, dropped)  # no gradient through a dropped one
+    assert not np.array_equal(keras.ops.convert_to_numpy(layer(x, training=True)) == 0, dropped)
+    np.testing.assert_array_equal(layer(x, training=False), x)
+    odd = tf.ones([3, 5, 7])
+    assert layer(odd, training=True).shape == odd.shape
 
 
 def test_config_json_round_trip_presets_and_errors(tmp_path):
