@@ -124,13 +124,11 @@ def backbone_inputs(batch: dict) -> dict:
 
 
 def repeat(element) -> tf.data.Dataset:
-    """`element` over and over, for both projects' arms. Autotuning off: a timed fit deletes its
-    iterator at the end, which with autotuning waits for the tuner's next wake-up (5.1 s, 10.2 s
-    ... after the start; model.prefetched says more), so 2 steps of 2.1 s timed as 5.1 s and
-    every arm seemed to sit at 25 seq/s in most rounds."""
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return tf.data.Dataset.from_tensors(element).repeat().with_options(options)
+    """`element` over and over, for both projects' arms, through our input pipelines' ending
+    (model.prefetched): with tf.data's autotuning on, the iterator a timed fit deletes at its
+    end waited for the tuner's next wake-up, so 2 steps of 2.1 s timed as 5.1 s and every arm
+    seemed to sit at 25 seq/s in most rounds."""
+    return model.prefetched(tf.data.Dataset.from_tensors(element).repeat())
 
 
 def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False,

@@ -95,9 +95,9 @@ class AttentionDropout(keras.layers.Layer):
         if not training or self.threshold == 0:
             return x
         size = tf.size(x)
-        words = tf.random.stateless_uniform([(size + 1) // 2], tf.cast(self.seed_generator.next(),
-                                                                       tf.int64),
-                                            minval=None, maxval=None, dtype=tf.uint32)
+        seed = tf.cast(self.seed_generator.next(), tf.int64)
+        words = tf.random.stateless_uniform([(size + 1) // 2], seed, minval=None, maxval=None,
+                                            dtype=tf.uint32)
         draws = tf.reshape(tf.bitcast(words, tf.uint16), [-1])[:size]
         keep = tf.reshape(draws, tf.shape(x)) >= tf.constant(self.threshold, tf.uint16)
         scale = self.LEVELS / (self.LEVELS - self.threshold)
