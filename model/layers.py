@@ -88,8 +88,9 @@ class AttentionDropout(keras.layers.Layer):
     def __init__(self, rate: float, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.rate, self.seed = rate, seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
         self.threshold = round(rate * self.LEVELS)
+        if self.threshold:  # as keras.layers.Dropout: a rate of 0 draws no seed from the global one
+            self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, x, training=None):
         if not training or self.threshold == 0:
