@@ -121,10 +121,11 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                          "it (benchmarks/results/speed_zen3.md); worth trying on a GPU.")
     flags.DEFINE_enum("mixed_precision", "off", list(train_util.PRECISIONS), "'bfloat16': layers "
                       "compute in bfloat16, weights, logits and losses stay float32 (Keras' "
-                      "mixed_bfloat16 policy). Off by default: on a 2-core AVX512_BF16 CPU it "
-                      "trained the TextCNN 1.23x faster and the Transformer no faster "
-                      "(benchmarks/results/speed.md). Worth trying on TPUs and Ampere or later "
-                      "GPUs. Weight files are float32 either way.")
+                      "mixed_bfloat16 policy). Off by default, checked on one benchmark row per "
+                      "backbone only: on a 2-core AVX512_BF16 CPU it trained the TextCNN 1.23x "
+                      "and the Transformer 1.37x faster (benchmarks/results/speed.md). Worth "
+                      "trying there and on TPUs and Ampere or later GPUs. Weight files are "
+                      "float32 either way.")
     flags.DEFINE_integer("seed", 42, "Random seed for splits, initialisation, shuffling, masking.")
     flags.DEFINE_boolean("overwrite", False, "Replace what the run directory holds: a finished "
                          "run, or an unfinished one made with other data or settings. Without "

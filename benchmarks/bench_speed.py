@@ -107,6 +107,11 @@ def training_flops(task: str) -> float:
     return 3 * forward
 
 
+def training_gflops(task: str, seq_s: float) -> float:
+    """GFLOP/s of training at `seq_s` sequences a second."""
+    return training_flops(task) / BATCH * seq_s / 1e9
+
+
 # ----------------------------------------------------------------------------- training arms
 def synthetic_batch(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
@@ -318,13 +323,12 @@ def main() -> None:
                     rates[name], rates[name.rsplit("_", 1)[0]])
                 results[task][name]["vs_keras_hub"] = median_ratio(rates[name],
                                                                    rates["keras_hub"])
-        achieved = training_flops(task) / BATCH * results[task]["ours"]["median"] / 1e9
+        achieved = training_gflops(task, results[task]["ours"]["median"])
         results[task]["gflops"] = achieved
         results[task]["mfu_fp32"] = achieved / results["peak_gflops"]["fp32"]
         if "ours_bf16" in rates:
-            results[task]["ours_bf16"]["mfu_bf16"] = (
-                training_flops(task) / BATCH * results[task]["ours_bf16"]["median"] / 1e9
-                / results["peak_gflops"]["bf16"])
+            results[task]["ours_bf16"]["mfu_bf16"] = training_gflops(
+                task, results[task]["ours_bf16"]["median"]) / results["peak_gflops"]["bf16"]
         del arms
         keras.backend.clear_session()
 
