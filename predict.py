@@ -48,6 +48,12 @@ flags.DEFINE_string("export_dir", None, "Write a TensorFlow SavedModel here and 
                     "run was trained; a 'word' run wants text segmented by jieba), "
                     "'serve_token_ids' int32 token_ids [batch, length]; both return "
                     "probabilities, label_ids (multi-hot, --decision_rule) and label names.")
+flags.DEFINE_boolean("export_jit_compile", False, "With --export_dir: compile the exported "
+                     "network with XLA. Batch-1 latency at 200 tokens on a 2-core AVX-512 CPU: "
+                     "Transformer small 9.6 ms against 14.6, TextCNN small 2.1 against 2.6 "
+                     "(batch 64: the Transformer 0.92x). The first request of each new (batch "
+                     "size, length rounded up to 8 tokens) compiles a program, about 1 s on a "
+                     "CPU, so warm the server up with the shapes it will see.")
 
 
 class Predictor:
@@ -108,11 +114,11 @@ class Predictor:
     def probabilities(self, texts: list[str]) -> np.ndarray:
         return model.predict_probabilities(self.classifier, self.encode(texts), 64)
 
-    def export(self, export_dir: str, rule: str = "run") -> None:
+    def export(self, export_dir: str, rule: str = "run", jit_compile: bool = False) -> None:
         """The SavedModel of serving.py; labels by the run's decision rule, or p >= 0.5."""
         serving.export_classifier(self.classifier, export_dir, self.vocab, self.labels,
                                   self.tokenize_style, self.sequence_length,
-                                  self.decision_thresholds(rule))
+                                  self.decision_thresholds(rule), jit_compile)
 
 
 def read_documents(path: str | None, encoding: str):
@@ -150,11 +156,13 @@ def main(_):
     if FLAGS.export_dir and os.path.exists(FLAGS.export_dir) and not os.path.isdir(
             FLAGS.export_dir):
         cli.fail(f"--export_dir={FLAGS.export_dir} is a file; give a directory")
+    if FLAGS.export_jit_compile and not FLAGS.export_dir:
+        cli.fail("--export_jit_compile=True compiles an export: give --export_dir as well")
     if FLAGS.batch_size < 1:
         cli.fail(f"--batch_size={FLAGS.batch_size} must be at least 1")
     predictor = Predictor(cli.run_dir_flag("ckpt_dir"))
     if FLAGS.export_dir:
-        predictor.export(FLAGS.export_dir, FLAGS.decision_rule)
+        predictor.export(FLAGS.export_dir, FLAGS.decision_rule, FLAGS.export_jit_compile)
         print(f"exported SavedModel to {FLAGS.export_dir}: signature {serving.TEXT_SIGNATURE} "
               f"takes {serving.TEXT_EXPECTED[predictor.tokenize_style]}; "
               f"{serving.TOKEN_IDS_SIGNATURE} takes int32 token ids", file=sys.stderr)

@@ -168,6 +168,11 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path, sample_data):
                                capture_output=True, cwd=ROOT, timeout=600)
     assert gbk_stdin.returncode == 2 and b"Traceback" not in gbk_stdin.stderr
     assert "<stdin>:1: cannot decode as utf-8" in gbk_stdin.stderr.decode()
+    no_export = run("predict.py", f"--ckpt_dir={run_dir}", "--export_jit_compile=True",
+                    stdin="x\n", check=False)
+    assert no_export.returncode == 2 and "Traceback" not in no_export.stderr
+    assert no_export.stderr.strip().splitlines()[-1] == (
+        "error: --export_jit_compile=True compiles an export: give --export_dir as well")
     export_dir = str(tmp_path / "export")
     run("predict.py", f"--ckpt_dir={run_dir}", f"--export_dir={export_dir}")
     import tensorflow as tf

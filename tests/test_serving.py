@@ -208,6 +208,18 @@ def test_the_token_id_signature_answers_as_the_text_one(exported):
     assert by_ids["probabilities"].shape == (len(exported.read), len(LABELS))
 
 
+def test_an_xla_compiled_export_gives_predict_py_answers(predictor_for, tmp_path):
+    predictor = predictor_for("space")
+    predictor.export(str(tmp_path), jit_compile=True)
+    with open(tmp_path / "saved_model.pb", "rb") as graph:
+        assert b"_XlaMustCompile" in graph.read()  # the attribute a plain export lacks
+    loaded = tf.saved_model.load(str(tmp_path))
+    lines = CASES["space"][0]
+    # twice: the second batch has other widths, so XLA compiles a second program
+    for sent, read in ((client_lines("space"), lines), (client_lines("space")[:2], lines[:2])):
+        assert_same(served(loaded, "serving_default", text=sent), expected(predictor, read))
+
+
 def test_the_cases_exercise_the_decision_rule(exported):
     """Some row gets several labels and, where the run has thresholds, some row gets its label
     only as the one nearest its threshold; else the parity above would not cover the rule.
