@@ -68,7 +68,9 @@ def test_masked_lm_loss_falls_below_a_tenth_of_its_start(backbone):
     model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(3e-3))
     history = pretrainer.fit(x, {"mlm": targets}, batch_size=16, epochs=150, verbose=0)
     losses = history.history["mlm_loss"]
-    assert losses[-1] < 0.1 * losses[0]
+    # the median of the last 10 epochs: Adam at 3e-3 on a memorised batch spikes now and then
+    # (another initialisation ended on a spike of 0.98 between epochs near 0.05)
+    assert np.median(losses[-10:]) < 0.1 * losses[0]
 
 
 def test_masked_lm_loss_ignores_unused_slots():
