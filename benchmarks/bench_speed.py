@@ -37,7 +37,7 @@ import train_util  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # our models with one setting changed, each compared with the arm named before its last "_"
-VARIANT_ARMS = ("ours_xla", "textcnn_xla", "ours_bf16", "textcnn_bf16")
+VARIANT_ARMS = ("ours_xla", "textcnn_xla", "keras_hub_xla", "ours_bf16", "textcnn_bf16")
 BATCH, LENGTH, MASKED, VOCAB, LABELS = 64, 200, 30, 30_000, 119
 SHAPE = dict(d_model=128, num_layer=6, num_header=8, d_k=16, d_v=16, d_ff=512)
 
@@ -158,7 +158,7 @@ def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False,
     return net, data
 
 
-def keras_hub_arm(task: str):
+def keras_hub_arm(task: str, jit_compile: bool = False):
     import keras_hub
     batch = synthetic_batch()
     backbone = keras_hub.models.BertBackbone(
@@ -166,14 +166,15 @@ def keras_hub_arm(task: str):
         hidden_dim=SHAPE["d_model"], intermediate_dim=SHAPE["d_ff"], max_sequence_length=512)
     if task == "mlm":
         net = keras_hub.models.BertMaskedLM(backbone, preprocessor=None)
-        net.compile(optimizer=keras.optimizers.AdamW(1e-4))
+        net.compile(optimizer=keras.optimizers.AdamW(1e-4), jit_compile=jit_compile)
         weights = (batch["masked_ids"] != 0).astype(np.float32)
         data = repeat(({**backbone_inputs(batch), "mask_positions": batch["masked_positions"]},
                        batch["masked_ids"], weights))
     else:
         net = keras_hub.models.BertTextClassifier(backbone, LABELS, preprocessor=None)
         net.compile(optimizer=keras.optimizers.AdamW(1e-4),
-                    loss=keras.losses.BinaryCrossentropy(from_logits=True), metrics=[])
+                    loss=keras.losses.BinaryCrossentropy(from_logits=True), metrics=[],
+                    jit_compile=jit_compile)
         data = repeat((backbone_inputs(batch), batch["labels"]))
     return net, data
 
@@ -322,6 +323,7 @@ def main() -> None:
             arms["textcnn"] = our_arm(task, "textcnn")
         if args.with_xla:
             arms["ours_xla"] = our_arm(task, jit_compile=True)
+            arms["keras_hub_xla"] = keras_hub_arm(task, jit_compile=True)
             if task == "mlm":
                 arms["textcnn_xla"] = our_arm(task, "textcnn", jit_compile=True)
         if args.with_bf16:
@@ -337,6 +339,9 @@ def main() -> None:
                     rates[name], rates[name.rsplit("_", 1)[0]])
                 results[task][name]["vs_keras_hub"] = median_ratio(rates[name],
                                                                    rates["keras_hub"])
+        if "keras_hub_xla" in rates:
+            results[task]["ours_xla"]["vs_keras_hub_xla"] = median_ratio(
+                rates["ours_xla"], rates["keras_hub_xla"])
         achieved = training_gflops(task, results[task]["ours"]["median"])
         results[task]["gflops"] = achieved
         results[task]["mfu_fp32"] = achieved / results["peak_gflops"]["fp32"]
@@ -380,7 +385,11 @@ def write_report(results: dict) -> None:
           f"{r[name]['best']:.1f} best, {r[name]['vs_without']:.2f}x without it."
           for title, r, name in (("Transformer masked LM", mlm, "ours_xla"),
                                  ("TextCNN masked LM", mlm, "textcnn_xla"),
-                                 ("Transformer classifier", cls, "ours_xla")) if name in r),
+                                 ("Transformer classifier", cls, "ours_xla"),
+                                 ("keras-hub masked LM", mlm, "keras_hub_xla"),
+                                 ("keras-hub classifier", cls, "keras_hub_xla")) if name in r),
+        *(f"Both with XLA, {title}: ours / keras-hub {r['ours_xla']['vs_keras_hub_xla']:.2f}."
+          for title, r in (("masked LM", mlm), ("classifier", cls)) if "keras_hub_xla" in r),
         *(f"With bf16 mixed precision (--mixed_precision=bfloat16), {title}: "
           f"{r[name]['median']:.1f} seq/s (median), {r[name]['best']:.1f} best, "
           f"{r[name]['vs_without']:.2f}x without it, {r[name]['vs_keras_hub']:.2f}x keras-hub "
