@@ -74,7 +74,7 @@ def encode(tokens: tf.RaggedTensor, table: tf.lookup.StaticHashTable,
     return ids.to_tensor(default_value=data_util.PAD_ID, shape=[None, sequence_length])
 
 
-def probabilities_of(classifier: keras.Model, jit_compile: bool = False) -> Callable:
+def probabilities_function(classifier: keras.Model, jit_compile: bool = False) -> Callable:
     """token ids [batch, length] -> float32 probabilities [batch, labels]. With `jit_compile`
     the network runs as one XLA program, compiled on the first call of each (batch, width)."""
     def network(token_ids):
@@ -112,13 +112,13 @@ def export_classifier(classifier: keras.Model, export_dir: str, vocab: data_util
                       thresholds: np.ndarray | None = None, jit_compile: bool = False) -> None:
     """Write the SavedModel described at the top of this module to `export_dir` (replacing a
     previous export whole). `thresholds` None: p >= 0.5, the original's rule. `jit_compile`:
-    the network compiled with XLA (see probabilities_of)."""
+    the network compiled with XLA (see probabilities_function)."""
     if tokenize_style not in data_util.TOKENIZE_STYLES:
         raise data_util.DataError(f"tokenize_style {tokenize_style!r} is not one of "
                                   f"{', '.join(data_util.TOKENIZE_STYLES)}")
     cut = model.decision_thresholds(thresholds, len(labels))
     table = vocabulary_table(vocab)
-    score = probabilities_of(classifier, jit_compile)
+    score = probabilities_function(classifier, jit_compile)
 
     def serve_token_ids(token_ids):
         probabilities = score(token_ids)
