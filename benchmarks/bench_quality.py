@@ -231,7 +231,8 @@ def pretrain(backbone: str, settings: dict, corpus: str, suffix: str, resume: bo
     flags = list(settings["pretrain"][backbone])
     if epochs is not None:
         flags = [f for f in flags if not f.startswith("--num_epochs")] + [f"--num_epochs={epochs}"]
-    run_dir = os.path.join(WORK, pretraining_name(backbone, suffix, pretraining_epochs(flags)))
+    name = pretraining_name(backbone, suffix, pretraining_epochs(flags))
+    run_dir = os.path.join(WORK, name)
     record = os.path.join(run_dir, "benchmark_pretraining.json")
     if resume and os.path.exists(record):
         done = run_directory.read_json_file(record)

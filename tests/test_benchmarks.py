@@ -55,3 +55,21 @@ def test_a_finished_run_is_recognised_from_another_clone():
     assert not same(command(here, here) + ["--bag_of_words=False"], command(here, here))
     assert not same(command(here, here)[:-1] + ["--ckpt_dir_save=/tmp/x/other_seed42"],
                     command(here, here))
+
+
+@pytest.mark.slow
+def test_a_pretraining_is_named_by_its_epochs_and_read_back_only_with_its_flags(
+        tmp_path, monkeypatch, small_corpus):
+    monkeypatch.setattr(bench_quality, "WORK", str(tmp_path))
+    flags = ["--preset=tiny", "--num_layer=1", "--vocab_size=300", "--learning_rate=1e-3"]
+    settings = {"pretrain": {"textcnn": [*flags, "--num_epochs=1"]}}
+    made = bench_quality.pretrain("textcnn", settings, small_corpus, "", resume=True)
+    assert made["run_dir"] == str(tmp_path / "lm_textcnn_1ep") and made["epochs"] == "1"
+    assert os.path.exists(tmp_path / "lm_textcnn_1ep" / "backbone.weights.h5")
+    # 3 epochs keep the plain name of the first benchmarks
+    assert bench_quality.pretraining_name("textcnn", "", 3) == "lm_textcnn"
+    again = bench_quality.pretrain("textcnn", settings, small_corpus, "", resume=True)
+    assert again == made  # read back, not trained again
+    settings["pretrain"]["textcnn"][0] = "--preset=small"
+    with pytest.raises(SystemExit, match="was pretrained with --preset=tiny"):
+        bench_quality.pretrain("textcnn", settings, small_corpus, "", resume=True)
