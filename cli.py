@@ -117,13 +117,15 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                       "tf.distribute strategy to build and train under (mirrored: all local "
                       "GPUs; multi_worker_mirrored: TF_CONFIG cluster; tpu).")
     flags.DEFINE_boolean("jit_compile", False, "Compile the train step with XLA. Off by "
-                         "default: on a 2-core AVX2 CPU it ran 0.4x to 1.0x the speed without "
-                         "it (benchmarks/results/speed_zen3.md); worth trying on a GPU.")
+                         "default: on 2-core CPUs it ran 0.3x to 1.0x the speed without it "
+                         "(AVX2: benchmarks/results/speed_zen3.md; AVX-512: speed.md); worth "
+                         "trying on a GPU.")
     flags.DEFINE_enum("mixed_precision", "off", list(train_util.PRECISIONS), "'bfloat16': layers "
                       "compute in bfloat16, weights, logits and losses stay float32 (Keras' "
                       "mixed_bfloat16 policy). Off by default, checked on one benchmark row per "
-                      "backbone only: on a 2-core AVX512_BF16 CPU it trained the TextCNN 1.23x "
-                      "and the Transformer 1.37x faster (benchmarks/results/speed.md). Worth "
+                      "backbone only: on a 2-core AVX512_BF16 CPU it trained the TextCNN "
+                      "1.20-1.23x and the Transformer 1.27-1.37x faster (two runs, "
+                      "benchmarks/results/speed.md). Worth "
                       "trying there and on TPUs and Ampere or later GPUs. Weight files are "
                       "float32 either way.")
     flags.DEFINE_integer("seed", 42, "Random seed for splits, initialisation, shuffling, masking.")
