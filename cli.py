@@ -118,8 +118,8 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                       "GPUs; multi_worker_mirrored: TF_CONFIG cluster; tpu).")
     flags.DEFINE_boolean("jit_compile", False, "Compile the train step with XLA. Off by "
                          "default: on 2-core CPUs it ran 0.3x to 1.0x the speed without it "
-                         "(AVX2: benchmarks/results/speed_zen3.md; AVX-512: speed.md); worth "
-                         "trying on a GPU.")
+                         "(AVX2: benchmarks/results/speed_zen3.md; AVX-512: "
+                         "benchmarks/results/speed.md); worth trying on a GPU.")
     flags.DEFINE_enum("mixed_precision", "off", list(train_util.PRECISIONS), "'bfloat16': layers "
                       "compute in bfloat16, weights, logits and losses stay float32 (Keras' "
                       "mixed_bfloat16 policy). Off by default, checked on one benchmark row per "

@@ -74,7 +74,8 @@ def encode(tokens: tf.RaggedTensor, table: tf.lookup.StaticHashTable,
     return ids.to_tensor(default_value=data_util.PAD_ID, shape=[None, sequence_length])
 
 
-def probabilities_function(classifier: keras.Model, jit_compile: bool = False) -> Callable:
+def probabilities_function(classifier: keras.Model, jit_compile: bool = False
+                           ) -> Callable[[tf.Tensor], tf.Tensor]:
     """token ids [batch, length] -> float32 probabilities [batch, labels]. With `jit_compile`
     the network runs as one XLA program, compiled on the first call of each (batch, width)."""
     def network(token_ids):

@@ -56,7 +56,7 @@ FULL = {
                              "--vocab_size=20000"],
                  # 10 epochs, not 3: at 3 (valid masked-LM accuracy 0.121) the fine-tuned
                  # Transformer was 0.011 under TF-IDF + LR on sentiment/small, at 10 (0.188)
-                 # 0.001 (benchmarks/results/quality_v4_transformer_budgets.md)
+                 # 0.001 (benchmarks/results/quality_v6_sentiment_transformer_pretrained.md)
                  "transformer": ["--preset=small", "--num_layer=2", "--learning_rate=5e-4",
                                  "--warmup_steps=300", "--vocab_size=20000", "--num_epochs=10"]},
     "pretrain_budget_epochs": (1, 3, 10),
@@ -607,7 +607,8 @@ def run_cell(task: str, budget: str, files: dict, settings: dict, pretraining: d
 
 def pretraining_name(backbone: str, suffix: str, epochs: int | None) -> str:
     """The pretraining's directory under WORK. 3 epochs keep the plain name of the first
-    benchmarks, so that the fine-tuning runs recorded with it are still read back."""
+    benchmarks, so that the TextCNN rows recorded with it are still read back (the Transformer
+    rows of that length were replaced by the 10-epoch ones, under the same run names)."""
     return f"lm_{backbone}{suffix}" + ("" if epochs in (None, 3) else f"_{epochs}ep")
 
 
@@ -618,7 +619,7 @@ def pretraining_epochs(flags: list[str]) -> int | None:
 
 def pretraining_budget_study(sample: dict, settings: dict, corpus: str, suffix: str,
                              tasks: list[str], resume: bool, study: dict, save,
-                             main_lm: dict, backbone: str = "textcnn") -> dict:
+                             main_lm: dict | None, backbone: str = "textcnn") -> dict:
     """`backbone` pretrained for each budget of epochs, fine-tuned with the defaults on every
     task's small budget: how masked-LM accuracy and downstream F1 grow with pretraining."""
     study.setdefault("tasks", tasks)
@@ -699,10 +700,15 @@ def main() -> None:
     corpus = sample_lines(sample["pretrain"], settings["pretrain_lines"],
                           os.path.join(WORK, "pretrain_corpus_quick.txt"))
     models = args.models.split(",")
+    def main_pretraining_needed(backbone: str) -> bool:
+        if not args.pretrain_budgets:
+            return f"{backbone}_pretrained" in models
+        # the study reuses the main pretraining only when its length is one of the budgets
+        return backbone == args.budget_backbone and pretraining_epochs(
+            settings["pretrain"][backbone]) in settings["pretrain_budget_epochs"]
+
     pretraining = {b: pretrain(b, settings, corpus, suffix, args.resume)
-                   for b in ("textcnn", "transformer")
-                   if (b == args.budget_backbone if args.pretrain_budgets
-                       else f"{b}_pretrained" in models)}
+                   for b in ("textcnn", "transformer") if main_pretraining_needed(b)}
     print("pretraining:", json.dumps(pretraining), flush=True)
     results_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.json")
     meta_path = os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}_meta.json")
@@ -729,7 +735,8 @@ def main() -> None:
     tasks = args.tasks.split(",")
     if args.pretrain_budgets:
         pretraining_budget_study(sample, settings, corpus, suffix, tasks, args.resume, study,
-                                 save, pretraining[args.budget_backbone], args.budget_backbone)
+                                 save, pretraining.get(args.budget_backbone),
+                                 args.budget_backbone)
     else:
         for task in tasks:
             for budget in args.budgets.split(","):

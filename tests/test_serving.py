@@ -72,13 +72,13 @@ def vocabulary_of(lines: list[str], style: str, left_out: set[str]) -> data_util
                                 + sorted(tokens - left_out - set(data_util.SPECIAL_TOKENS)))
 
 
-def tiny_classifier(vocab: data_util.Vocabulary, labels: list[str]
+def tiny_classifier(vocab: data_util.Vocabulary, labels: list[str], backbone: str = "textcnn"
                     ) -> tuple[model.ModelConfig, keras.Model]:
     """A seeded random init, wide enough that labels differ between texts."""
     keras.utils.set_random_seed(0)
-    config = model.ModelConfig(backbone="textcnn", vocab_size=len(vocab), d_model=16,
-                               num_filters=8, filter_sizes=(2, 3), max_position=32,
-                               initializer_range=0.5)
+    config = model.ModelConfig(backbone=backbone, vocab_size=len(vocab), d_model=16,
+                               num_filters=8, filter_sizes=(2, 3), num_layer=2, num_header=2,
+                               d_k=8, d_v=8, d_ff=32, max_position=32, initializer_range=0.5)
     classifier = model.build_classifier(model.build_backbone(config), len(labels), 0.1,
                                         bag_of_words=True)
     # the bag-of-words model starts at zero; random weights and idf make it count in the test
@@ -208,13 +208,17 @@ def test_the_token_id_signature_answers_as_the_text_one(exported):
     assert by_ids["probabilities"].shape == (len(exported.read), len(LABELS))
 
 
-def test_an_xla_compiled_export_gives_predict_py_answers(predictor_for, tmp_path):
-    predictor = predictor_for("space")
-    predictor.export(str(tmp_path), jit_compile=True)
-    with open(tmp_path / "saved_model.pb", "rb") as graph:
+@pytest.mark.parametrize("backbone", ["textcnn", "transformer"])
+def test_an_xla_compiled_export_gives_predict_py_answers(backbone, tmp_path):
+    lines, left_out, thresholds = CASES["space"]
+    vocab = vocabulary_of(lines, "space", left_out)
+    predictor = predict.Predictor(save_run(str(tmp_path / "run"), vocab, LABELS, "space",
+                                           thresholds, tiny_classifier(vocab, LABELS, backbone)))
+    export_dir = tmp_path / "export"
+    predictor.export(str(export_dir), jit_compile=True)
+    with open(export_dir / "saved_model.pb", "rb") as graph:
         assert b"_XlaMustCompile" in graph.read()  # the attribute a plain export lacks
-    loaded = tf.saved_model.load(str(tmp_path))
-    lines = CASES["space"][0]
+    loaded = tf.saved_model.load(str(export_dir))
     # twice: the second batch has other widths, so XLA compiles a second program
     for sent, read in ((client_lines("space"), lines), (client_lines("space")[:2], lines[:2])):
         assert_same(served(loaded, "serving_default", text=sent), expected(predictor, read))
