@@ -34,7 +34,12 @@ from data.prepare import ensure_sample_data
 
 FLAGS = flags.FLAGS
 cli.define_common_flags(1e-4, 0.01, "Use only the first few thousand corpus lines, the tiny "
-                        "preset and one epoch, so the whole job finishes in about a minute.")
+                        "preset and one epoch, so the whole job finishes in about a minute.",
+                        num_epochs_help="Passes over the corpus. Measured on the 1.5M-token "
+                        "sample corpus (README, 'How long to pretrain'): the TextCNN gained "
+                        "nothing measurable from 10 over 3, the Transformer (2 layers) gained on "
+                        "every task from 3 to 10; stop when the valid masked-LM accuracy stops "
+                        "climbing.")
 cli.define_model_flags()
 flags.DEFINE_string("mask_lm_source_file", None, "Unlabelled text for pretraining, one document a "
                     "line, its words separated by spaces (or give --tokenize_style=word/char for "
