@@ -125,9 +125,8 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                       "mixed_bfloat16 policy). Off by default, checked on one benchmark row per "
                       "backbone only: on a 2-core AVX512_BF16 CPU it trained the TextCNN "
                       "1.20-1.23x and the Transformer 1.27-1.37x faster (two runs, "
-                      "benchmarks/results/speed.md). Worth "
-                      "trying there and on TPUs and Ampere or later GPUs. Weight files are "
-                      "float32 either way.")
+                      "benchmarks/results/speed.md). Worth trying there and on TPUs and Ampere "
+                      "or later GPUs. Weight files are float32 either way.")
     flags.DEFINE_integer("seed", 42, "Random seed for splits, initialisation, shuffling, masking.")
     flags.DEFINE_boolean("overwrite", False, "Replace what the run directory holds: a finished "
                          "run, or an unfinished one made with other data or settings. Without "
