@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +224,8 @@ def exported_latency(backbone: str, workdir: str, rounds: int = 5) -> dict:
     """Batch-1 latency (ms, median of 40-call medians over `rounds` interleaved rounds, and the
     best round) and batch-64 rate (docs/s) of the exported SavedModel's token-id endpoint (the
     decision rule included), at the full fine-tuning length; plain export and
-    `--export_jit_compile` (XLA) side by side."""
+    `--export_jit_compile` (XLA) side by side, and for the Transformer keras-hub's classifier of
+    the same shape as the reference (its forward pass compiled with XLA, not exported)."""
     import data_util_hdf5 as data_util
     import serving
     config = model.config_from_preset("small", backbone=backbone, vocab_size=VOCAB)
@@ -231,31 +233,49 @@ def exported_latency(backbone: str, workdir: str, rounds: int = 5) -> dict:
     vocab = data_util.Vocabulary(data_util.SPECIAL_TOKENS
                                  + [f"w{i}" for i in range(VOCAB - len(data_util.SPECIAL_TOKENS))])
     loaded = {}  # kept: a SavedModel's variables live as long as the loaded object does
+    serve = {}
     for name, jit_compile in (("plain", False), ("xla", True)):
         export_dir = os.path.join(workdir, f"export_{backbone}_{name}")
         serving.export_classifier(classifier, export_dir, vocab,
                                   [f"l{i}" for i in range(LABELS)], "space", LENGTH,
                                   jit_compile=jit_compile)
         loaded[name] = tf.saved_model.load(export_dir)
+        serve[name] = lambda ids, saved=loaded[name]: saved.serve_token_ids(ids)["probabilities"]
+    if backbone == "transformer":
+        serve["keras_hub_xla"] = keras_hub_forward()
     one = tf.constant(synthetic_batch()["token_ids"][:1])
     many = tf.constant(synthetic_batch()["token_ids"])
-    single, batched = {name: [] for name in loaded}, {name: [] for name in loaded}
-    for saved in loaded.values():
+    single, batched = {name: [] for name in serve}, {name: [] for name in serve}
+    for call in serve.values():
         for _ in range(5):  # trace, compile and warm up both shapes
-            saved.serve_token_ids(one)
-            saved.serve_token_ids(many)
+            call(one)
+            call(many)
     for _ in range(rounds):
-        for name, saved in loaded.items():
-            serve = saved.serve_token_ids
+        for name, call in serve.items():
             single[name].append(float(np.median(
-                [_seconds(lambda: serve(one)["probabilities"].numpy()) for _ in range(40)])))
-            batched[name] += [_seconds(lambda: serve(many)["probabilities"].numpy())
-                              for _ in range(2)]
+                [_seconds(lambda: call(one).numpy()) for _ in range(40)])))
+            batched[name] += [_seconds(lambda: call(many).numpy()) for _ in range(2)]
     figures = {name: {"batch1_ms": 1000 * float(np.median(single[name])),
                       "batch1_best_ms": 1000 * min(single[name]),
                       "batch64_docs_s": BATCH / float(np.median(batched[name]))}
-               for name in loaded}
-    return {**figures["plain"], "xla": figures["xla"]}  # the report's layout: plain, then XLA
+               for name in serve}
+    if "keras_hub_xla" in figures:
+        figures["xla"]["vs_keras_hub_xla"] = median_ratio(
+            [1 / t for t in single["xla"]], [1 / t for t in single["keras_hub_xla"]])
+    return {**figures.pop("plain"), **figures}  # the report's layout: plain, then the others
+
+
+def keras_hub_forward() -> Callable[[tf.Tensor], tf.Tensor]:
+    """keras-hub's BertTextClassifier at our small Transformer's shape: token ids -> logits,
+    one XLA program (what BASELINES.md timed as the batch-1 reference)."""
+    import keras_hub
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB, num_layers=SHAPE["num_layer"], num_heads=SHAPE["num_header"],
+        hidden_dim=SHAPE["d_model"], intermediate_dim=SHAPE["d_ff"], max_sequence_length=512)
+    classifier = keras_hub.models.BertTextClassifier(backbone, LABELS, preprocessor=None)
+    forward = tf.function(lambda inputs: classifier(inputs, training=False), jit_compile=True)
+    return lambda ids: forward({"token_ids": ids, "segment_ids": tf.zeros_like(ids),
+                                "padding_mask": tf.cast(ids != 0, tf.int32)})
 
 
 def predict_rate(workdir: str) -> dict:
@@ -409,8 +429,16 @@ def write_report(results: dict) -> None:
           for b in ("textcnn", "transformer")
           for title, r in (("", inference[b]), (", --export_jit_compile (XLA)",
                                                 inference[b].get("xla"))) if r),
+        *(f"| keras-hub 0.32 BertTextClassifier, same shape, XLA forward (not exported) "
+          f"| {r['batch1_ms']:.1f} | {r['batch64_docs_s']:.0f} "
+          f"| {inference_flops('transformer') / 1e6:.0f} "
+          f"| {inference_flops('transformer') / peak['fp32'] / 1e6:.1f} |"
+          for r in (inference["transformer"].get("keras_hub_xla"),) if r),
         "", "The floor is the document's matmul FLOPs at the 4096x4096 matmul's rate: no batch-1 "
         "call on this machine can be faster.",
+        *(f"Batch 1, Transformer with XLA: ours (exported) / keras-hub (in-process) "
+          f"{r['vs_keras_hub_xla']:.2f}x the calls a second (median of the per-round ratios)."
+          for r in (inference["transformer"].get("xla", {}),) if "vs_keras_hub_xla" in r),
         "", f"predict.py path (tokenize + score + labels), Transformer small, sample sentiment "
         f"test file: {results['predict']['docs_s']:.0f} documents/s "
         f"({results['predict']['documents']} documents).", ""]
@@ -424,6 +452,9 @@ def write_report(results: dict) -> None:
            ("infer_b1_ms_transformer_xla",
             f"{inference['transformer']['xla']['batch1_ms']:.1f}"))
           if "xla" in inference["transformer"] else ()),
+        *((("infer_b1_ms_keras_hub_xla",
+            f"{inference['transformer']['keras_hub_xla']['batch1_ms']:.1f}"),)
+          if "keras_hub_xla" in inference["transformer"] else ()),
         ("predict_docs_s", f"{results['predict']['docs_s']:.0f}"),
         ("input_ratio", f"{results['input_ratio']:.1f}"),
         *((("mlm_bf16_vs_keras_hub", f"{mlm['ours_bf16']['vs_keras_hub']:.2f}"),
