@@ -329,21 +329,35 @@ def cut_words(text: str, backend: str | None = None) -> list[str]:
     ``- _ . + # & %`` that are not dictionary words) are re-split with jieba's own rule.
     """
     backend = backend or word_backend()
+    tokens = segmenter(backend)(text)
+    if backend == "jieba" or not _ASCII_NEXT_TO_SYMBOL.search(text):
+        return tokens
+    return [piece for token in tokens for piece in _resplit_like_jieba(token)]
+
+
+def segmenter(backend: str) -> Callable[[str], list[str]]:
+    """The backend's own cut (text -> tokens), before the fix-up that `cut_words` applies."""
     if backend == "jieba":
         import jieba
-        return jieba.lcut(text)
+        return jieba.lcut
     import rjieba
-    tokens = rjieba.cut(text)
-    if not _ASCII_NEXT_TO_SYMBOL.search(text):
-        return tokens
-    return [piece for token in tokens for piece in _resplit_like_jieba(token, rjieba)]
+    return rjieba.cut
 
 
-def _resplit_like_jieba(token: str, rjieba) -> list[str]:
-    if len(token) < 2 or token.isalnum() or not _ASCII_RUN.fullmatch(token) \
-            or rjieba.has_word(token):
+def _resplit_like_jieba(token: str) -> list[str]:
+    if len(token) < 2 or token.isalnum() or not _ASCII_RUN.fullmatch(token):
+        return [token]
+    import rjieba
+    if rjieba.has_word(token):
         return [token]
     return [piece for piece in _JIEBA_HMM_SKIP.split(token) if piece]
+
+
+def _word_pieces(token: str, backend: str) -> list[str]:
+    """What `tokenize(.., "word")` makes of one segmenter token: [] for whitespace."""
+    if backend == "jieba":
+        return token.split()
+    return [word for piece in _resplit_like_jieba(token) for word in piece.split()]
 
 
 def tokenize(text: str, style: str) -> list[str]:
@@ -488,15 +502,63 @@ def _encode_chunk(style: str, backend: str, lines: list[tuple[int, str]]) -> tup
     lengths int64 [n], ids int32 [tokens], distinct tokens in order of first sight), where an id
     indexes the chunk's own distinct tokens. The caller maps those few tokens to its ids, so the
     per-token work stays in the workers and the arrays pickle in one piece."""
+    if style == "word":
+        return _encode_word_chunk(backend, lines)
     line_numbers, lengths, tokens = [], [], []
     for line_no, line_tokens, _ in _tokenize_chunk(style, False, backend, lines):
         line_numbers.append(line_no)
         lengths.append(len(line_tokens))
         tokens.extend(line_tokens)
-    distinct = list(dict.fromkeys(tokens))  # loops in C, as do the two lines below
-    index = dict(zip(distinct, range(len(distinct))))
+    numbering = first_sight_numbering()
     return (np.array(line_numbers, np.int64), np.array(lengths, np.int64),
-            np.fromiter(map(index.__getitem__, tokens), np.int32, len(tokens)), distinct)
+            np.fromiter(map(numbering.__getitem__, tokens), np.int32, len(tokens)),
+            list(numbering))
+
+
+def first_sight_numbering() -> collections.defaultdict:
+    """A dict that gives each new key the next number (0, 1, ...) when first looked up: mapping
+    its __getitem__ over tokens numbers them in C, one hash each."""
+    return collections.defaultdict(itertools.count().__next__)
+
+
+def _encode_word_chunk(backend: str, lines: list[tuple[int, str]]) -> tuple:
+    """`_encode_chunk` for `word` tokens. `tokenize`'s fix-ups of the segmenter's tokens (the
+    re-split that makes jieba-rs agree with jieba, dropping whitespace) are worked out once per
+    distinct token and applied to the ids with array operations: per token, in Python, they cost
+    as much as the segmenter itself. The distinct list may hold tokens no id refers to."""
+    cut = segmenter(backend)
+    per_line = [cut(text) for _, text in lines]
+    cut_lengths = np.fromiter(map(len, per_line), np.int64, len(per_line))
+    numbering = first_sight_numbering()
+    ids = np.fromiter(map(numbering.__getitem__, itertools.chain.from_iterable(per_line)),
+                      np.int32, int(cut_lengths.sum()))
+    distinct = list(numbering)
+    # Words of letters or digits (nearly every distinct token) stay as they are.
+    odd = np.flatnonzero(~np.fromiter(map(str.isalnum, distinct), bool, len(distinct)))
+    pieces = {i: [numbering[piece] for piece in _word_pieces(distinct[i], backend)]
+              for i in odd.tolist()}
+    ids, per_token = _replace_ids(ids, pieces, len(numbering))
+    line_of_token = np.repeat(np.arange(len(lines)), cut_lengths)
+    lengths = np.bincount(line_of_token, weights=per_token, minlength=len(lines)).astype(np.int64)
+    nonblank = lengths > 0
+    line_numbers = np.fromiter((line_no for line_no, _ in lines), np.int64, len(lines))
+    return line_numbers[nonblank], lengths[nonblank], ids, list(numbering)
+
+
+def _replace_ids(ids: np.ndarray, replacements: dict[int, list[int]],
+                 num_ids: int) -> tuple[np.ndarray, np.ndarray]:
+    """`ids` with every id i in `replacements` replaced by the ids replacements[i] (none or
+    several), and for each input id how many it became."""
+    per_id = np.ones(num_ids, np.int64)
+    per_id[list(replacements)] = [len(new) for new in replacements.values()]
+    first = np.cumsum(per_id) - per_id
+    table = np.arange(num_ids, dtype=np.int32).repeat(per_id)  # id i -> table[first[i]:][:n]
+    for i, new in replacements.items():
+        table[first[i]:first[i] + len(new)] = new
+    per_token = per_id[ids]
+    # output position k of input token t reads table[first[t] + (k - start of t's outputs)]
+    shift = np.repeat(first[ids] - (np.cumsum(per_token) - per_token), per_token)
+    return table[shift + np.arange(len(shift))], per_token
 
 
 def resolve_process_num(process_num: int | None, tokenize_style: str = "word") -> int:
@@ -535,9 +597,9 @@ def _map_chunks_in_order(chunks: Iterable[list], job: tuple, process_num: int,
         for chunk in itertools.chain(head, chunks):
             yield len(chunk), work(*job, chunk)
         return
-    if job[0] == "word" and job[-1] == "jieba":
-        import jieba
-        jieba.initialize()  # once here, inherited by forked workers, instead of once per worker
+    if job[0] == "word":
+        # the dictionary loaded once here and inherited by forked workers, not once per worker
+        segmenter(job[-1])("中文")
     with _pool_context().Pool(process_num) as pool:
         pending = collections.deque()
         for chunk in itertools.chain(head, chunks):
@@ -1063,11 +1125,11 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
         return vocab, load_or_build_token_cache(path, vocab, tokenize_style, cache_dir, encoding,
                                                 process_num)
     _check_vocab_size(vocab_size)
-    provisional: dict[str, int] = {}
+    provisional = first_sight_numbering()
     scratch = vocab_file[:-len(".txt")] + "-provisional.h5"  # rewritten by the next run if left
     blocks = _encoded_blocks(path, tokenize_style, encoding, process_num, lambda distinct:
-                             np.fromiter((provisional.setdefault(token, len(provisional))
-                                          for token in distinct), np.int32, len(distinct)))
+                             np.fromiter(map(provisional.__getitem__, distinct), np.int32,
+                                         len(distinct)))
     try:
         _write_token_cache(scratch, "provisional", blocks, tokenize_style, path, quiet=True)
         counts = np.zeros(len(provisional), np.int64)

@@ -86,6 +86,24 @@ def test_pool_yields_the_same_tokens_in_file_order(tmp_path):
     assert inline[5][1] == data_util.tokenize(lines[5], "word")
 
 
+TRICKY_LINES = ["我来到北京清华大学  hello", "", "   ", "\t价格 2008-6-1 check-in 很 好\u3000",
+                "qq.com 和 802.11n 与 T_T", "中文", "a-b-c-d  e.f", "５月 ２３日 电 ： 9.5%",
+                "\u3000\u3000第二段", "ItwasexcellentandIcan.Myroom 的 wifi"]
+
+
+@pytest.mark.parametrize("backend", data_util.WORD_BACKENDS)
+def test_a_chunk_is_encoded_into_the_tokens_of_its_lines(backend):
+    if backend == "rjieba":
+        pytest.importorskip("rjieba")
+    lines = list(enumerate(TRICKY_LINES * 3, start=7))
+    line_numbers, lengths, ids, distinct = data_util._encode_chunk("word", backend, lines)
+    expected = [(no, data_util.tokenize(text, "word")) for no, text in lines if text.strip()]
+    assert line_numbers.tolist() == [no for no, _ in expected]
+    assert lengths.tolist() == [len(tokens) for _, tokens in expected]
+    assert [distinct[i] for i in ids] == [t for _, tokens in expected for t in tokens]
+    assert "2008" in distinct and "check" in distinct and not any(ids == distinct.index("\t"))
+
+
 @pytest.mark.slow
 def test_rjieba_backend_matches_jieba_on_the_sample_corpora():
     pytest.importorskip("rjieba")
