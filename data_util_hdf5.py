@@ -60,6 +60,7 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_LINES = 2000
 # A chunk also ends at this many characters, so a file of very long lines stays bounded in memory.
 CHUNK_CHARS = 4_000_000
+UNLABELLED_CHUNK_BYTES = 1 << 19  # about 2,000 lines of the sample corpus
 MAX_LISTED_WARNINGS = 10
 
 
@@ -430,9 +431,11 @@ def read_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
         yield from decode_lines(f, path, encoding)
 
 
-def decode_lines(stream, name: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    """`read_lines` for an open binary stream (stdin, say) called `name` in error messages."""
-    for line_no, raw in enumerate(stream, start=1):
+def decode_lines(stream, name: str, encoding: str = "utf-8",
+                 first_line_no: int = 1) -> Iterator[tuple[int, str]]:
+    """`read_lines` for an open binary stream (stdin, say) called `name` in error messages, or
+    for lines as bytes from `first_line_no` on."""
+    for line_no, raw in enumerate(stream, start=first_line_no):
         try:
             text = raw.decode(encoding)
         except UnicodeDecodeError as error:
@@ -474,6 +477,28 @@ def _read_chunks(path: str, encoding: str, chunk_lines: int) -> Iterator[list[tu
         yield chunk
 
 
+def _read_raw_chunks(path: str, chunk_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, whole lines as bytes) of about `chunk_bytes` at a time: read
+    in C, and decoded by `_decode_chunk` where the chunk is tokenized."""
+    with _open_binary(path) as f:
+        line_no = 1
+        while lines := f.readlines(chunk_bytes):
+            yield line_no, lines
+            line_no += len(lines)
+
+
+def _decode_chunk(path: str, encoding: str, first_line_no: int,
+                  raw_lines: list[bytes]) -> list[tuple[int, str]]:
+    """What `read_lines` gives for these lines of `path`."""
+    try:
+        texts = [raw.decode(encoding).rstrip("\r\n") for raw in raw_lines]
+    except UnicodeDecodeError:  # the line by line reader names the line
+        return list(decode_lines(raw_lines, path, encoding, first_line_no))
+    if first_line_no == 1 and texts and texts[0].startswith("\ufeff"):
+        texts[0] = texts[0][1:]
+    return list(zip(itertools.count(first_line_no), texts))
+
+
 # A chunk's result: (line_no, tokens, labels); tokens None marks a labelled line without a label.
 def _tokenize_chunk(style: str, labelled: bool, backend: str,
                     lines: list[tuple[int, str]]) -> list[tuple]:
@@ -497,22 +522,58 @@ def _tokenize_chunk_packed(*args) -> list[tuple]:
             for no, tokens, labels in _tokenize_chunk(*args)]
 
 
-def _encode_chunk(style: str, backend: str, lines: list[tuple[int, str]]) -> tuple:
-    """An unlabelled chunk tokenized and numbered in the worker: (line numbers int64 [n],
-    lengths int64 [n], ids int32 [tokens], distinct tokens in order of first sight), where an id
-    indexes the chunk's own distinct tokens. The caller maps those few tokens to its ids, so the
-    per-token work stays in the workers and the arrays pickle in one piece."""
+class _ChunkNumbering:
+    """A tokenizing worker's numbering of the tokens of one run, kept from chunk to chunk, so a
+    token crosses to the parent once (with the chunk where the worker first met it) instead of
+    once per chunk: the parent's share of the work then shrinks with the number of chunks."""
+
+    def __init__(self, run: str):
+        self.run, self.ids, self.sent = run, first_sight_numbering(), 0
+        self.replaced: dict[int, list[int]] = {}  # `word`: what tokenize() makes of odd tokens
+
+    def new_tokens(self) -> tuple[int, list[str]]:
+        """(how many tokens were sent before, the tokens numbered since), now marked as sent."""
+        new = list(itertools.islice(reversed(self.ids), len(self.ids) - self.sent))[::-1]
+        first, self.sent = self.sent, len(self.ids)
+        return first, new
+
+
+_numbering: _ChunkNumbering | None = None
+# A worker that has numbered this many tokens starts afresh, so its memory stays bounded.
+NUMBERING_LIMIT = 1 << 21
+
+
+def _numbering_for(run: str) -> _ChunkNumbering:
+    global _numbering
+    if _numbering is None or _numbering.run != run or len(_numbering.ids) > NUMBERING_LIMIT:
+        _numbering = _ChunkNumbering(run)
+    return _numbering
+
+
+def _forget_numbering() -> None:
+    global _numbering
+    _numbering = None
+
+
+def _encode_chunk(style: str, path: str, encoding: str, run: str, backend: str,
+                  chunk: tuple[int, list[bytes]]) -> tuple:
+    """An unlabelled chunk of `_read_raw_chunks` decoded, tokenized and numbered in the worker:
+    (worker, tokens it sent before, tokens new to it, line numbers int64 [n], lengths int64
+    [n], ids int32 [tokens]), the ids in the worker's numbering of run `run`. The arrays pickle
+    in one piece and every per-token step stays in the workers."""
+    lines = _decode_chunk(path, encoding, *chunk)
+    numbering = _numbering_for(run)
     if style == "word":
-        return _encode_word_chunk(backend, lines)
-    line_numbers, lengths, tokens = [], [], []
-    for line_no, line_tokens, _ in _tokenize_chunk(style, False, backend, lines):
-        line_numbers.append(line_no)
-        lengths.append(len(line_tokens))
-        tokens.extend(line_tokens)
-    numbering = first_sight_numbering()
-    return (np.array(line_numbers, np.int64), np.array(lengths, np.int64),
-            np.fromiter(map(numbering.__getitem__, tokens), np.int32, len(tokens)),
-            list(numbering))
+        line_numbers, lengths, ids = _encode_word_chunk(backend, lines, numbering)
+    else:
+        line_numbers, lengths, tokens = [], [], []
+        for line_no, line_tokens, _ in _tokenize_chunk(style, False, backend, lines):
+            line_numbers.append(line_no)
+            lengths.append(len(line_tokens))
+            tokens.extend(line_tokens)
+        line_numbers, lengths = np.array(line_numbers, np.int64), np.array(lengths, np.int64)
+        ids = np.fromiter(map(numbering.ids.__getitem__, tokens), np.int32, len(tokens))
+    return (os.getpid(), *numbering.new_tokens(), line_numbers, lengths, ids)
 
 
 def first_sight_numbering() -> collections.defaultdict:
@@ -521,28 +582,30 @@ def first_sight_numbering() -> collections.defaultdict:
     return collections.defaultdict(itertools.count().__next__)
 
 
-def _encode_word_chunk(backend: str, lines: list[tuple[int, str]]) -> tuple:
-    """`_encode_chunk` for `word` tokens. `tokenize`'s fix-ups of the segmenter's tokens (the
-    re-split that makes jieba-rs agree with jieba, dropping whitespace) are worked out once per
-    distinct token and applied to the ids with array operations: per token, in Python, they cost
-    as much as the segmenter itself. The distinct list may hold tokens no id refers to."""
+def _encode_word_chunk(backend: str, lines: list[tuple[int, str]],
+                       numbering: _ChunkNumbering) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(line numbers, lengths, ids) of the `word` tokens of the non-blank `lines`. `tokenize`'s
+    fix-ups of the segmenter's tokens (the re-split that makes jieba-rs agree with jieba,
+    dropping whitespace) are worked out once per token new to the worker and applied to the ids
+    with array operations: per token, in Python, they cost as much as the segmenter itself."""
     cut = segmenter(backend)
     per_line = [cut(text) for _, text in lines]
     cut_lengths = np.fromiter(map(len, per_line), np.int64, len(per_line))
-    numbering = first_sight_numbering()
-    ids = np.fromiter(map(numbering.__getitem__, itertools.chain.from_iterable(per_line)),
+    seen = len(numbering.ids)
+    ids = np.fromiter(map(numbering.ids.__getitem__, itertools.chain.from_iterable(per_line)),
                       np.int32, int(cut_lengths.sum()))
-    distinct = list(numbering)
-    # Words of letters or digits (nearly every distinct token) stay as they are.
-    odd = np.flatnonzero(~np.fromiter(map(str.isalnum, distinct), bool, len(distinct)))
-    pieces = {i: [numbering[piece] for piece in _word_pieces(distinct[i], backend)]
-              for i in odd.tolist()}
-    ids, per_token = _replace_ids(ids, pieces, len(numbering))
+    fresh = list(itertools.islice(reversed(numbering.ids), len(numbering.ids) - seen))[::-1]
+    # Words of letters or digits (nearly every token) stay as they are; so do the pieces below.
+    for i, token in enumerate(fresh, start=seen):
+        if not token.isalnum():
+            numbering.replaced[i] = [numbering.ids[piece]
+                                     for piece in _word_pieces(token, backend)]
+    ids, per_token = _replace_ids(ids, numbering.replaced, len(numbering.ids))
     line_of_token = np.repeat(np.arange(len(lines)), cut_lengths)
     lengths = np.bincount(line_of_token, weights=per_token, minlength=len(lines)).astype(np.int64)
     nonblank = lengths > 0
     line_numbers = np.fromiter((line_no for line_no, _ in lines), np.int64, len(lines))
-    return line_numbers[nonblank], lengths[nonblank], ids, list(numbering)
+    return line_numbers[nonblank], lengths[nonblank], ids
 
 
 def _replace_ids(ids: np.ndarray, replacements: dict[int, list[int]],
@@ -587,15 +650,15 @@ def _pool_context():
 
 def _map_chunks_in_order(chunks: Iterable[list], job: tuple, process_num: int,
                          work: Callable = _tokenize_chunk, remote: Callable | None = None,
-                         unpack: Callable = lambda result: result
+                         unpack: Callable = lambda result: result, count: Callable = len
                          ) -> Iterator[tuple[int, object]]:
-    """Yield (lines in chunk, work(*job, chunk)) in file order, with at most 2 chunks per worker
+    """Yield (count(chunk), work(*job, chunk)) in file order, with at most 2 chunks per worker
     in flight. A pool runs `remote` (default `work`) and the parent `unpack`s its result."""
     chunks = iter(chunks)
     head = list(itertools.islice(chunks, 2))
     if process_num == 1 or len(head) < 2:  # one chunk: a pool would cost more than it saves
         for chunk in itertools.chain(head, chunks):
-            yield len(chunk), work(*job, chunk)
+            yield count(chunk), work(*job, chunk)
         return
     if job[0] == "word":
         # the dictionary loaded once here and inherited by forked workers, not once per worker
@@ -603,7 +666,7 @@ def _map_chunks_in_order(chunks: Iterable[list], job: tuple, process_num: int,
     with _pool_context().Pool(process_num) as pool:
         pending = collections.deque()
         for chunk in itertools.chain(head, chunks):
-            pending.append((len(chunk), pool.apply_async(remote or work, (*job, chunk))))
+            pending.append((count(chunk), pool.apply_async(remote or work, (*job, chunk))))
             if len(pending) >= 2 * process_num:
                 num_lines, result = pending.popleft()
                 yield num_lines, unpack(result.get())
@@ -620,10 +683,16 @@ def _unpack_tokens(result: list[tuple]) -> list[tuple]:
 def _encoded_blocks(path: str, tokenize_style: str, encoding: str, process_num: int | None,
                     number: Callable[[list[str]], np.ndarray]) -> Iterator[tuple]:
     """(line numbers, row lengths, ids) for every chunk of an unlabelled file, in file order,
-    with a progress line; `number` maps a chunk's distinct tokens to their int32 ids."""
-    for line_numbers, lengths, local_ids, distinct in _encoded_chunks(
+    with a progress line; `number` maps tokens new to a worker to their int32 ids, once each."""
+    translations: dict[int, np.ndarray] = {}  # worker -> its numbering of tokens -> ours
+    for worker, sent_before, new, line_numbers, lengths, ids in _encoded_chunks(
             path, tokenize_style, encoding, process_num):
-        yield line_numbers, lengths, number(distinct)[local_ids]
+        known = translations.get(worker, np.zeros(0, np.int32))
+        if sent_before not in (0, len(known)):  # 0: the worker started a new numbering
+            raise RuntimeError(f"worker {worker} numbered {sent_before} tokens before this "
+                               f"chunk, the parent knows {len(known)}: chunks out of order")
+        translations[worker] = known = np.concatenate([known[:sent_before], number(new)])
+        yield line_numbers, lengths, known[ids]
 
 
 def _encoded_chunks(path: str, tokenize_style: str, encoding: str,
@@ -632,13 +701,17 @@ def _encoded_chunks(path: str, tokenize_style: str, encoding: str,
     progress line."""
     _check_style(tokenize_style)
     check_encoding(encoding)
-    job = (tokenize_style, word_backend())
+    job = (tokenize_style, path, encoding, os.urandom(8).hex(), word_backend())
     progress = _Progress(path)
-    for num_lines, encoded in _map_chunks_in_order(
-            _read_chunks(path, encoding, DEFAULT_CHUNK_LINES), job,
-            resolve_process_num(process_num, tokenize_style), work=_encode_chunk):
-        progress.advance(num_lines)
-        yield encoded
+    try:
+        for num_lines, encoded in _map_chunks_in_order(
+                _read_raw_chunks(path, UNLABELLED_CHUNK_BYTES), job,
+                resolve_process_num(process_num, tokenize_style), work=_encode_chunk,
+                count=lambda chunk: len(chunk[1])):
+            progress.advance(num_lines)
+            yield encoded
+    finally:
+        _forget_numbering()  # this process's, when it tokenized without a pool
     progress.done()
 
 

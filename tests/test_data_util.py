@@ -92,16 +92,32 @@ TRICKY_LINES = ["我来到北京清华大学  hello", "", "   ", "\t价格 2008-
 
 
 @pytest.mark.parametrize("backend", data_util.WORD_BACKENDS)
-def test_a_chunk_is_encoded_into_the_tokens_of_its_lines(backend):
+def test_chunks_are_encoded_into_the_tokens_of_their_lines(backend):
+    """Two chunks of one run in one worker: the second sends only the tokens new to the
+    worker, and its ids index everything the worker has sent."""
     if backend == "rjieba":
         pytest.importorskip("rjieba")
-    lines = list(enumerate(TRICKY_LINES * 3, start=7))
-    line_numbers, lengths, ids, distinct = data_util._encode_chunk("word", backend, lines)
-    expected = [(no, data_util.tokenize(text, "word")) for no, text in lines if text.strip()]
-    assert line_numbers.tolist() == [no for no, _ in expected]
-    assert lengths.tolist() == [len(tokens) for _, tokens in expected]
-    assert [distinct[i] for i in ids] == [t for _, tokens in expected for t in tokens]
-    assert "2008" in distinct and "check" in distinct and not any(ids == distinct.index("\t"))
+    raw = [("\ufeff" * (i == 0) + text + "\r" * (i % 2) + "\n").encode("utf-8")
+           for i, text in enumerate(TRICKY_LINES * 3)]
+    known, run = [], "test-run"
+    try:
+        for first_line_no, lines in ((1, raw[:13]), (14, raw[13:])):
+            worker, sent_before, new, line_numbers, lengths, ids = data_util._encode_chunk(
+                "word", "corpus.txt", "utf-8", run, backend, (first_line_no, lines))
+            assert worker == os.getpid() and sent_before == len(known)
+            assert len(set(new)) == len(new) and not set(new) & set(known)
+            known += new
+            expected = [(no, data_util.tokenize(text, "word"))
+                        for no, text in enumerate(TRICKY_LINES * 3, start=1)
+                        if first_line_no <= no < first_line_no + len(lines) and text.strip()]
+            assert line_numbers.tolist() == [no for no, _ in expected]
+            assert lengths.tolist() == [len(tokens) for _, tokens in expected]
+            assert [known[i] for i in ids] == [t for _, tokens in expected for t in tokens]
+        assert "2008" in known and "check" in known and "\t" in known
+        assert "\t" not in [known[i] for i in ids]
+        assert "我" in known and "\ufeff我" not in known
+    finally:
+        data_util._forget_numbering()
 
 
 @pytest.mark.slow

@@ -194,9 +194,9 @@ def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, vocab_
     """Same vocabulary (ties and all, literal special tokens too), same cache file name and ids,
     whether the text is tokenized once or once for the vocabulary and once for the cache; the
     scratch file is read back in blocks of whole rows of any size, and removed. The one pass
-    numbers each chunk's tokens in its worker: chunks of 7 lines, blank lines among them."""
+    numbers the tokens in the workers: chunks of 2-3 lines, blank lines among them."""
     monkeypatch.setattr(data_util._token_cache_blocks, "__defaults__", (block_tokens,))
-    monkeypatch.setattr(data_util, "DEFAULT_CHUNK_LINES", 7)
+    monkeypatch.setattr(data_util, "UNLABELLED_CHUNK_BYTES", 100)  # 2 or 3 lines a chunk
     corpus_file = tmp_path / "corpus.txt"
     words = np.random.default_rng(3).choice(["甲", "乙", "丙", "丁", "戊", "己", "[MASK]", "。"],
                                             size=(40, 9))
@@ -219,6 +219,24 @@ def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, vocab_
     with h5py.File(cache, "r") as h5:
         np.testing.assert_array_equal(h5["line_numbers"][:], [*range(1, 8), *range(10, 43)])
     assert not [name for name in os.listdir(tmp_path / "one") if "provisional" in name]
+
+
+@pytest.mark.parametrize("process_num", [1, 2])
+def test_a_bad_byte_deep_in_the_corpus_names_its_line(tmp_path, monkeypatch, process_num):
+    """Chunks are decoded where they are tokenized (in the workers); the error still names the
+    file and the line, and a GBK corpus reads with --encoding gb18030."""
+    monkeypatch.setattr(data_util, "UNLABELLED_CHUNK_BYTES", 100)
+    text = "".join(f"第{i}行 我们 今天 去 北京\n" for i in range(40))
+    corpus_file = tmp_path / "corpus.txt"
+    corpus_file.write_bytes(text.encode("utf-8") + "上海 广州\n".encode("gb18030"))
+    with pytest.raises(data_util.DataError, match=r"corpus\.txt:41: cannot decode as utf-8 .*"
+                                                  r"--encoding gb18030"):
+        pretrain_task.load_or_build_corpus_cache(str(corpus_file), "word", 100,
+                                                 str(tmp_path / "c"), process_num=process_num)
+    corpus_file.write_bytes((text + "上海 广州\n").encode("gb18030"))
+    vocab, _ = pretrain_task.load_or_build_corpus_cache(
+        str(corpus_file), "word", 100, str(tmp_path / "c"), "gb18030", process_num=process_num)
+    assert "上海" in vocab.tokens and "北京" in vocab.tokens
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
