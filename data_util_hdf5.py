@@ -53,6 +53,7 @@ import numpy as np
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
+_SPECIAL_SET = frozenset(SPECIAL_TOKENS)
 TOKENIZE_STYLES = ("word", "char", "space")
 WORD_BACKENDS = ("rjieba", "jieba")
 LABEL_PREFIX = "__label__"
@@ -809,6 +810,11 @@ class Vocabulary:
     def id_of(self, token: str) -> int:
         return self._ids.get(token, UNK_ID)
 
+    def ids_of(self, tokens: Iterable[str]) -> np.ndarray:
+        """int32 ids of `tokens` (a list or any sized iterable), [UNK] for unknown ones."""
+        return np.fromiter(map(self._ids.get, tokens, itertools.repeat(UNK_ID)), np.int32,
+                           len(tokens))
+
     def encode(self, tokens: list[str]) -> list[int]:
         get = self._ids.get
         return [get(token, UNK_ID) for token in tokens]
@@ -883,22 +889,29 @@ def _check_vocab_size(vocab_size: int) -> None:
 def vocabulary_from_counts(counts: dict[str, int], vocab_size: int,
                            paths: list[str]) -> Vocabulary:
     """The special tokens, then the `vocab_size` - 5 most frequent tokens (ties by string)."""
-    counts = {token: count for token, count in counts.items()
-              if token not in SPECIAL_TOKENS and count > 0}
-    if not counts:
+    return _vocabulary_by_rank(list(counts), np.fromiter(counts.values(), np.int64, len(counts)),
+                               vocab_size, paths)
+
+
+def _vocabulary_by_rank(tokens: list[str], counts: np.ndarray, vocab_size: int,
+                        paths: list[str]) -> Vocabulary:
+    """`vocabulary_from_counts` for tokens[i] seen counts[i] times."""
+    if not _SPECIAL_SET.isdisjoint(tokens):  # literal "[MASK]" in the text: never ranked
+        counts = counts.copy()
+        counts[[i for i, token in enumerate(tokens) if token in _SPECIAL_SET]] = 0
+    total = int(counts.sum())
+    if not total:
         raise DataError(f"{', '.join(paths)}: no tokens found; the vocabulary needs some text")
     room = vocab_size - len(SPECIAL_TOKENS)
-    values = np.fromiter(counts.values(), np.int64, len(counts))
     # only tokens as frequent as the room's last one can be kept: the rest need no ordering
-    cutoff = np.partition(values, len(values) - room)[len(values) - room] \
-        if len(values) > room else 0
-    kept = sorted(token for token, count in counts.items() if count >= cutoff)
-    kept.sort(key=counts.__getitem__, reverse=True)  # stable: equal counts stay by string
-    kept = kept[:room]
-    total = int(values.sum())
-    covered = sum(map(counts.__getitem__, kept))
-    print(f"vocabulary: {len(kept) + len(SPECIAL_TOKENS):,} tokens (of {len(counts):,} distinct), "
-          f"covering {covered / total:.1%} of {total:,} token occurrences")
+    cutoff = max(1, np.partition(counts, len(counts) - room)[len(counts) - room]
+                 if len(counts) > room else 1)
+    by_string = sorted(np.flatnonzero(counts >= cutoff).tolist(), key=tokens.__getitem__)
+    ranked = np.array(by_string, np.int64)[np.argsort(-counts[by_string], kind="stable")][:room]
+    kept = list(map(tokens.__getitem__, ranked.tolist()))
+    print(f"vocabulary: {len(kept) + len(SPECIAL_TOKENS):,} tokens (of "
+          f"{int(np.count_nonzero(counts)):,} distinct), covering "
+          f"{int(counts[ranked].sum()) / total:.1%} of {total:,} token occurrences")
     return Vocabulary(SPECIAL_TOKENS + kept)
 
 
@@ -1175,8 +1188,7 @@ def load_or_build_token_cache(path: str, vocab: Vocabulary, tokenize_style: str,
     if open_valid_cache(cache, fingerprint):
         print(f"Reusing token cache {cache}")
         return cache
-    blocks = _encoded_blocks(path, tokenize_style, encoding, process_num, lambda distinct:
-                             np.fromiter(map(vocab.id_of, distinct), np.int32, len(distinct)))
+    blocks = _encoded_blocks(path, tokenize_style, encoding, process_num, vocab.ids_of)
     _write_token_cache(cache, fingerprint, blocks, tokenize_style, path)
     return cache
 
@@ -1208,10 +1220,9 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
         counts = np.zeros(len(provisional), np.int64)
         for _, _, ids in _token_cache_blocks(scratch):
             counts += np.bincount(ids, minlength=len(provisional))
-        vocab = vocabulary_from_counts(dict(zip(provisional, counts.tolist())), vocab_size,
-                                       [path])
+        vocab = _vocabulary_by_rank(list(provisional), counts, vocab_size, [path])
         vocab.save(vocab_file)
-        final = np.fromiter(map(vocab.id_of, provisional), np.int32, len(provisional))
+        final = vocab.ids_of(provisional)
         cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding)
         if not open_valid_cache(cache, fingerprint):
             remapped = ((lines, np.diff(starts), final[ids])
