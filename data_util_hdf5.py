@@ -540,8 +540,9 @@ class _ChunkNumbering:
 
 
 _numbering: _ChunkNumbering | None = None
-# A worker that has numbered this many tokens starts afresh, so its memory stays bounded.
-NUMBERING_LIMIT = 1 << 21
+# A worker that has numbered this many tokens starts afresh, so its memory stays bounded (about
+# 40 MB a worker); a fresh start only sends the frequent tokens to the parent again.
+NUMBERING_LIMIT = 1 << 18
 
 
 def _numbering_for(run: str) -> _ChunkNumbering:
@@ -592,19 +593,25 @@ def _encode_word_chunk(backend: str, lines: list[tuple[int, str]],
     cut = segmenter(backend)
     per_line = [cut(text) for _, text in lines]
     cut_lengths = np.fromiter(map(len, per_line), np.int64, len(per_line))
-    seen = len(numbering.ids)
+    examined = len(numbering.ids)
     ids = np.fromiter(map(numbering.ids.__getitem__, itertools.chain.from_iterable(per_line)),
                       np.int32, int(cut_lengths.sum()))
-    fresh = list(itertools.islice(reversed(numbering.ids), len(numbering.ids) - seen))[::-1]
-    # Words of letters or digits (nearly every token) stay as they are; so do the pieces below.
-    for i, token in enumerate(fresh, start=seen):
-        if not token.isalnum():
-            numbering.replaced[i] = [numbering.ids[piece]
-                                     for piece in _word_pieces(token, backend)]
+    # Every token new to the worker is examined once, the pieces of a re-split too (should the
+    # segmenter ever give them whole). Words of letters or digits, nearly all, stay as they are.
+    while examined < len(numbering.ids):
+        fresh = list(itertools.islice(reversed(numbering.ids), len(numbering.ids) - examined))
+        for i, token in enumerate(reversed(fresh), start=examined):
+            if not token.isalnum():
+                pieces = [numbering.ids[piece] for piece in _word_pieces(token, backend)]
+                if pieces != [i]:
+                    numbering.replaced[i] = pieces
+        examined += len(fresh)
     ids, per_token = _replace_ids(ids, numbering.replaced, len(numbering.ids))
     line_of_token = np.repeat(np.arange(len(lines)), cut_lengths)
     lengths = np.bincount(line_of_token, weights=per_token, minlength=len(lines)).astype(np.int64)
-    nonblank = lengths > 0
+    # blank as the other styles' rule has it (a segmenter that dropped a character would still
+    # keep its line, as an empty row)
+    nonblank = np.fromiter((bool(text.strip()) for _, text in lines), bool, len(lines))
     line_numbers = np.fromiter((line_no for line_no, _ in lines), np.int64, len(lines))
     return line_numbers[nonblank], lengths[nonblank], ids
 

@@ -273,9 +273,13 @@ def keras_hub_forward() -> Callable[[tf.Tensor], tf.Tensor]:
         vocabulary_size=VOCAB, num_layers=SHAPE["num_layer"], num_heads=SHAPE["num_header"],
         hidden_dim=SHAPE["d_model"], intermediate_dim=SHAPE["d_ff"], max_sequence_length=512)
     classifier = keras_hub.models.BertTextClassifier(backbone, LABELS, preprocessor=None)
-    forward = tf.function(lambda inputs: classifier(inputs, training=False), jit_compile=True)
-    return lambda ids: forward({"token_ids": ids, "segment_ids": tf.zeros_like(ids),
-                                "padding_mask": tf.cast(ids != 0, tf.int32)})
+
+    @tf.function(jit_compile=True)
+    def forward(ids):  # the inputs made inside the program, as our export makes its own
+        return classifier({"token_ids": ids, "segment_ids": tf.zeros_like(ids),
+                           "padding_mask": tf.cast(ids != 0, tf.int32)}, training=False)
+
+    return forward
 
 
 def predict_rate(workdir: str) -> dict:

@@ -187,34 +187,38 @@ def test_corpus_cache_round_trip_and_reuse(tmp_path, capsys):
     assert changed != path
 
 
-@pytest.mark.parametrize("vocab_size,block_tokens,process_num",
-                         [(8, 1 << 20, 1), (1000, 7, 1), (8, 20, 1), (8, 20, 2)])
-def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, vocab_size,
-                                                   block_tokens, process_num):
+@pytest.mark.parametrize("style,vocab_size,block_tokens,process_num,numbering_limit",
+                         [("space", 8, 1 << 20, 1, 1 << 18), ("space", 1000, 7, 1, 1 << 18),
+                          ("space", 8, 20, 1, 1 << 18), ("space", 8, 20, 2, 1 << 18),
+                          ("word", 12, 20, 2, 5), ("word", 1000, 1 << 20, 1, 1 << 18)])
+def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, style, vocab_size,
+                                                   block_tokens, process_num, numbering_limit):
     """Same vocabulary (ties and all, literal special tokens too), same cache file name and ids,
-    whether the text is tokenized once or once for the vocabulary and once for the cache; the
-    scratch file is read back in blocks of whole rows of any size, and removed. The one pass
-    numbers the tokens in the workers: chunks of 2-3 lines, blank lines among them."""
+    whether the text is tokenized once or once for the vocabulary and once for the cache (line
+    by line, `tokenize` itself); the scratch file is read back in blocks of whole rows of any
+    size, and removed. The one pass numbers the tokens in the workers: chunks of 2-3 lines,
+    blank lines among them, a worker's numbering started afresh every few tokens."""
     monkeypatch.setattr(data_util._token_cache_blocks, "__defaults__", (block_tokens,))
     monkeypatch.setattr(data_util, "UNLABELLED_CHUNK_BYTES", 100)  # 2 or 3 lines a chunk
+    monkeypatch.setattr(data_util, "NUMBERING_LIMIT", numbering_limit)
     corpus_file = tmp_path / "corpus.txt"
-    words = np.random.default_rng(3).choice(["甲", "乙", "丙", "丁", "戊", "己", "[MASK]", "。"],
-                                            size=(40, 9))
+    words = np.random.default_rng(3).choice(["甲", "乙", "丙", "丁", "戊", "己", "[MASK]", "。",
+                                             "2008-6-1", "北京", "\u3000", "C++"], size=(40, 9))
     lines = [" ".join(row) + "\n" for row in words]
     lines[7:7] = ["\n", "  \n"]
     corpus_file.write_text("".join(lines), encoding="utf-8")
-    vocab, cache = pretrain_task.load_or_build_corpus_cache(str(corpus_file), "space", vocab_size,
+    vocab, cache = pretrain_task.load_or_build_corpus_cache(str(corpus_file), style, vocab_size,
                                                  str(tmp_path / "one"), process_num=process_num)
-    two_vocab = data_util.load_or_build_vocabulary([str(corpus_file)], "space", vocab_size,
+    two_vocab = data_util.load_or_build_vocabulary([str(corpus_file)], style, vocab_size,
                                             str(tmp_path / "two"), process_num=1)
-    two_cache = data_util.load_or_build_token_cache(str(corpus_file), two_vocab, "space",
+    two_cache = data_util.load_or_build_token_cache(str(corpus_file), two_vocab, style,
                                              str(tmp_path / "two"), process_num=1)
     assert vocab.tokens == two_vocab.tokens
     assert os.path.basename(cache) == os.path.basename(two_cache)
     for one, two in zip(data_util.read_token_cache(cache), data_util.read_token_cache(two_cache)):
         np.testing.assert_array_equal(one, two)
     ids, offsets = data_util.read_token_cache(cache)
-    expected = [vocab.encode(line.split()) for line in lines if line.strip()]
+    expected = [vocab.encode(data_util.tokenize(line, style)) for line in lines if line.strip()]
     assert [list(ids[a:b]) for a, b in zip(offsets[:-1], offsets[1:])] == expected
     with h5py.File(cache, "r") as h5:
         np.testing.assert_array_equal(h5["line_numbers"][:], [*range(1, 8), *range(10, 43)])
