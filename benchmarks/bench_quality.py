@@ -535,7 +535,7 @@ def write_reports(results: dict, pretraining: dict, settings_name: str, seconds:
     open(os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.md"), "w", encoding="utf-8").write(table)
     if any(results.values()):
         plot(results, os.path.join(RESULTS, f"{RESULTS_NAME}{suffix}.png"))
-    if budgets_study and budgets_study.get("rows"):
+    if budgets_study and len(budgets_study.get("rows", ())) > 1:  # one point is no curve
         plot_budgets(budgets_study, os.path.join(RESULTS,
                                                  f"{RESULTS_NAME}{suffix}_pretrain_budgets.png"))
     return table
