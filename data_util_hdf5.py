@@ -1219,9 +1219,9 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
     _check_vocab_size(vocab_size)
     provisional = first_sight_numbering()
     scratch = vocab_file[:-len(".txt")] + "-provisional.h5"  # rewritten by the next run if left
-    blocks = _encoded_blocks(path, tokenize_style, encoding, process_num, lambda distinct:
-                             np.fromiter(map(provisional.__getitem__, distinct), np.int32,
-                                         len(distinct)))
+    blocks = _encoded_blocks(path, tokenize_style, encoding, process_num, lambda new_tokens:
+                             np.fromiter(map(provisional.__getitem__, new_tokens), np.int32,
+                                         len(new_tokens)))
     try:
         _write_token_cache(scratch, "provisional", blocks, tokenize_style, path, quiet=True)
         counts = np.zeros(len(provisional), np.int64)
