@@ -529,14 +529,13 @@ class _ChunkNumbering:
     once per chunk: the parent's share of the work then shrinks with the number of chunks."""
 
     def __init__(self, run: str):
-        self.run, self.ids, self.sent = run, first_sight_numbering(), 0
+        self.run, self.ids, self.sent = run, _first_sight_numbering(), 0
         self.replaced: dict[int, list[int]] = {}  # `word`: what tokenize() makes of odd tokens
 
     def new_tokens(self) -> tuple[int, list[str]]:
         """(how many tokens were sent before, the tokens numbered since), now marked as sent."""
-        new = list(itertools.islice(reversed(self.ids), len(self.ids) - self.sent))[::-1]
         first, self.sent = self.sent, len(self.ids)
-        return first, new
+        return first, _numbered_since(self.ids, first)
 
 
 _numbering: _ChunkNumbering | None = None
@@ -574,14 +573,27 @@ def _encode_chunk(style: str, path: str, encoding: str, run: str, backend: str,
             lengths.append(len(line_tokens))
             tokens.extend(line_tokens)
         line_numbers, lengths = np.array(line_numbers, np.int64), np.array(lengths, np.int64)
-        ids = np.fromiter(map(numbering.ids.__getitem__, tokens), np.int32, len(tokens))
+        ids = _number_tokens(numbering.ids, tokens)
     return (os.getpid(), *numbering.new_tokens(), line_numbers, lengths, ids)
 
 
-def first_sight_numbering() -> collections.defaultdict:
-    """A dict that gives each new key the next number (0, 1, ...) when first looked up: mapping
-    its __getitem__ over tokens numbers them in C, one hash each."""
+def _first_sight_numbering() -> collections.defaultdict:
+    """A dict that gives each new key the next number (0, 1, ...) when first looked up, so that
+    `_number_tokens` numbers tokens in C, one hash each."""
     return collections.defaultdict(itertools.count().__next__)
+
+
+def _number_tokens(numbering: collections.defaultdict, tokens: Iterable[str],
+                  count: int = -1) -> np.ndarray:
+    """int32 numbers of `tokens` in a `_first_sight_numbering`, new ones numbered on the way;
+    `count` (how many tokens, when `tokens` is not sized) lets numpy allocate once."""
+    return np.fromiter(map(numbering.__getitem__, tokens), np.int32,
+                       len(tokens) if count < 0 else count)
+
+
+def _numbered_since(numbering: dict, start: int) -> list[str]:
+    """The keys of `numbering` numbered `start` and later, in order (read from the end)."""
+    return list(itertools.islice(reversed(numbering), len(numbering) - start))[::-1]
 
 
 def _encode_word_chunk(backend: str, lines: list[tuple[int, str]],
@@ -594,13 +606,13 @@ def _encode_word_chunk(backend: str, lines: list[tuple[int, str]],
     per_line = [cut(text) for _, text in lines]
     cut_lengths = np.fromiter(map(len, per_line), np.int64, len(per_line))
     examined = len(numbering.ids)
-    ids = np.fromiter(map(numbering.ids.__getitem__, itertools.chain.from_iterable(per_line)),
-                      np.int32, int(cut_lengths.sum()))
+    ids = _number_tokens(numbering.ids, itertools.chain.from_iterable(per_line),
+                        int(cut_lengths.sum()))
     # Every token new to the worker is examined once, the pieces of a re-split too (should the
     # segmenter ever give them whole). Words of letters or digits, nearly all, stay as they are.
     while examined < len(numbering.ids):
-        fresh = list(itertools.islice(reversed(numbering.ids), len(numbering.ids) - examined))
-        for i, token in enumerate(reversed(fresh), start=examined):
+        fresh = _numbered_since(numbering.ids, examined)
+        for i, token in enumerate(fresh, start=examined):
             if not token.isalnum():
                 pieces = [numbering.ids[piece] for piece in _word_pieces(token, backend)]
                 if pieces != [i]:
@@ -1217,11 +1229,10 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
         return vocab, load_or_build_token_cache(path, vocab, tokenize_style, cache_dir, encoding,
                                                 process_num)
     _check_vocab_size(vocab_size)
-    provisional = first_sight_numbering()
+    provisional = _first_sight_numbering()
     scratch = vocab_file[:-len(".txt")] + "-provisional.h5"  # rewritten by the next run if left
-    blocks = _encoded_blocks(path, tokenize_style, encoding, process_num, lambda new_tokens:
-                             np.fromiter(map(provisional.__getitem__, new_tokens), np.int32,
-                                         len(new_tokens)))
+    blocks = _encoded_blocks(path, tokenize_style, encoding, process_num,
+                             lambda new_tokens: _number_tokens(provisional, new_tokens))
     try:
         _write_token_cache(scratch, "provisional", blocks, tokenize_style, path, quiet=True)
         counts = np.zeros(len(provisional), np.int64)
