@@ -30,9 +30,9 @@ import run_directory
 import train_util
 
 FLAGS = flags.FLAGS
-# The head's rate; the pretrained backbone moves at --backbone_lr_scale times it (see below). The
-# original's 1e-5 for everything learns almost nothing in a run of a few hundred steps.
-cli.define_classifier_flags(default_learning_rate=1e-3, default_ckpt_dir="runs/ft")
+# The original's 1e-5 for everything learns almost nothing in a run of a few hundred steps.
+cli.define_classifier_flags("runs/ft", "Peak Adam learning rate of the new head; the pretrained "
+                            "backbone's is --backbone_lr_scale times it.")
 flags.DEFINE_string("pretrained_dir", "runs/lm", "Run directory of train_bert_lm.py (its "
                     "--ckpt_dir): config.json, vocab.txt, data_config.json, backbone.weights.h5. "
                     "Test mode reads runs/test_lm unless the flag is given.")
@@ -79,6 +79,8 @@ def main(_):
     data = classifier_task.load_data(files, style, settings, vocab=vocab,
                                      max_sequence_length=max_position)
     epochs = cli.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
+    settings = classifier_task.choose_learning_rate(settings, pretrained_config.backbone,
+                                                    data.steps_per_epoch())
     settings = classifier_task.choose_bag_of_words_rate(data, epochs, settings)
 
     # --------------------------------------------------------------------- model
