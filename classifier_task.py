@@ -21,8 +21,8 @@ DECISION_RULES = ("tuned", "half")
 # Bumped whenever a default of the recipe changes what a run with the same flags computes, so
 # that a benchmark does not read back a run made under other defaults
 # 2: warm-up at most one epoch; 3 (batch 32 on small sets) was withdrawn; 4: the bag-of-words
-# rate chosen on valid; 5: a Transformer on a large labelled set defaults to a lower rate
-RECIPE_VERSION = 5
+# rate chosen on valid
+RECIPE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,12 @@ class ClassifierSettings:
     at the last step, else the original's exponential decay (see train_util.WarmupDecay).
     cache_dir None: cache/ beside the training file. decision_rule: 'tuned' (per-label
     thresholds fitted on the validation split) or 'half' (p >= 0.5, the original's rule).
-    learning_rate None: the backbone's default for the data's size (`choose_learning_rate`).
     bag_of_words_learning_rate None: chosen on valid (`choose_bag_of_words_rate`).
     """
     batch_size: int = 64
     sequence_length: int | None = None
     dropout: float = 0.1
-    learning_rate: float | None = None
+    learning_rate: float = 1e-3
     warmup_steps: int | None = None
     decay_steps: int | None = None
     decay_rate: float = 0.95
@@ -178,43 +177,10 @@ def default_warmup_steps(epochs: int, steps_per_epoch: int) -> int:
     return min(epochs * steps_per_epoch // 10, steps_per_epoch)
 
 
-# The peak rate when none is given. 1e-3 for both backbones, trained from scratch or fine-tuned,
-# except a Transformer on a large labelled set: on the 13,888-line sample sentiment task (217
-# batches an epoch) the pretrained one overfit from its first epoch at 1e-3 (test F1 0.828,
-# 0.025 under TF-IDF + LR) and reached 0.843 at 3e-4, the rate the from-scratch search picked
-# there; on 1,000 lines (16 batches) 1e-3 was level (sentiment) or better (entities, 0.761 vs
-# 0.753). Large means more batches an epoch than LARGE_SET_STEPS_PER_EPOCH: beyond it the
-# default plan (cli.epochs_to_run: 1,000 steps, at least 10 epochs) runs more than 1,000 steps.
-DEFAULT_LEARNING_RATE = 1e-3
-LARGE_SET_LEARNING_RATE = {"transformer": 3e-4}
-LARGE_SET_STEPS_PER_EPOCH = 100
-
-
-def default_learning_rate(backbone: str, steps_per_epoch: int) -> float:
-    """The peak rate for a `backbone` classifier on a training split of `steps_per_epoch`
-    batches (see DEFAULT_LEARNING_RATE)."""
-    if steps_per_epoch > LARGE_SET_STEPS_PER_EPOCH:
-        return LARGE_SET_LEARNING_RATE.get(backbone, DEFAULT_LEARNING_RATE)
-    return DEFAULT_LEARNING_RATE
-
-
-def choose_learning_rate(settings: ClassifierSettings, backbone: str,
-                         steps_per_epoch: int) -> ClassifierSettings:
-    """The settings with a peak rate: theirs when set, else `default_learning_rate`'s."""
-    if settings.learning_rate is not None:
-        return settings
-    rate = default_learning_rate(backbone, steps_per_epoch)
-    print(f"learning rate {rate:g} (the default for a {backbone} on {steps_per_epoch} batches "
-          "an epoch; set --learning_rate to choose)")
-    return dataclasses.replace(settings, learning_rate=rate)
-
-
 def make_optimizer(settings: ClassifierSettings, epochs: int,
                    steps_per_epoch: int) -> train_util.DiscriminativeAdamW:
     """The settings' AdamW on the classifier's schedule: warm-up (`default_warmup_steps` unless
     the settings give one), then decay to 0 at the last of `epochs` x `steps_per_epoch` steps."""
-    if settings.learning_rate is None:
-        raise ValueError("the settings have no learning rate: choose_learning_rate first")
     warmup = settings.warmup_steps if settings.warmup_steps is not None \
         else default_warmup_steps(epochs, steps_per_epoch)
     return train_util.make_optimizer(settings.learning_rate, epochs * steps_per_epoch, warmup,

@@ -77,7 +77,7 @@ if _verbosity_asked(sys.argv) < 1:
 
 
 # --------------------------------------------------------------------------- shared flags
-def define_common_flags(learning_rate: float | None, weight_decay: float, test_mode_help: str,
+def define_common_flags(learning_rate: float, weight_decay: float, test_mode_help: str,
                         num_epochs: int | None = 10,
                         num_epochs_help: str = "Passes over the training data.",
                         learning_rate_help: str = "Peak Adam learning rate.") -> None:
@@ -159,7 +159,7 @@ def validate_common_flags() -> None:
     any file is read or written."""
     check_flag_values([
         ("batch_size", FLAGS.batch_size >= 1, "at least 1"),
-        ("learning_rate", FLAGS.learning_rate is None or FLAGS.learning_rate > 0, "above 0"),
+        ("learning_rate", FLAGS.learning_rate > 0, "above 0"),
         ("dropout_keep_prob", 0 < FLAGS.dropout_keep_prob <= 1, "in (0, 1]"),
         ("warmup_steps", (FLAGS.warmup_steps or 0) >= 0, "0 or more"),
         ("decay_steps", FLAGS.decay_steps is None or FLAGS.decay_steps >= 1, "at least 1"),
@@ -296,19 +296,15 @@ TEST_MODE_LINES = {"train": 2000, "valid": 400, "test": 400}
 
 
 def define_classifier_flags(default_ckpt_dir: str, learning_rate_help: str) -> None:
-    """Flags common to train_bert_fine_tuning.py and train_transform.py; `learning_rate_help`
-    starts the --learning_rate help, which goes on to say how the default is chosen."""
-    define_common_flags(None, 0.0, "Use a small slice of each file, the tiny "
+    """Flags common to train_bert_fine_tuning.py and train_transform.py; each script says in
+    `learning_rate_help` what its default rate (1e-3) rests on."""
+    define_common_flags(1e-3, 0.0, "Use a small slice of each file, the tiny "
                         "preset (from scratch) and two epochs, to try an idea quickly.",
                         num_epochs=None, num_epochs_help="Passes over the training data, at "
                         "most. Default: enough for 1,000 steps, within 10 to 100 epochs (a "
                         "small labelled set needs many passes); early stopping ends most "
                         "runs sooner.",
-                        learning_rate_help=learning_rate_help + " Default: 1e-3, except a "
-                        "Transformer on more than 100 batches an epoch (6,400 examples at "
-                        "batch 64): 3e-4. At 1e-3 the pretrained Transformer overfit the "
-                        "13,888-line sample sentiment task from its first epoch (test F1 0.828 "
-                        "against 0.843 at 3e-4); on 1,000 lines 1e-3 was as good or better.")
+                        learning_rate_help=learning_rate_help)
     flags.DEFINE_string("task", "entities", "Sample task used when the data files are not given: "
                         "'entities' (multi-label, People's Daily paragraphs, 7 labels), "
                         "'mentions' (5-paragraph documents, 241 place/org labels with a long "

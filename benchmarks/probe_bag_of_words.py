@@ -62,8 +62,7 @@ def main() -> None:
         planned = cli.planned_classifier_epochs(data.steps_per_epoch())
         if args.choose:
             for seed in map(int, args.choose.split(",")):
-                settings = classifier_task.ClassifierSettings(
-                    seed=seed, learning_rate=classifier_task.DEFAULT_LEARNING_RATE)
+                settings = classifier_task.ClassifierSettings(seed=seed)
                 keras.utils.set_random_seed(seed)  # as the scripts do first
                 chosen = classifier_task.choose_bag_of_words_rate(data, planned, settings)
                 print(f"{task} seed {seed}: rate {chosen.bag_of_words_learning_rate:g}",
@@ -71,10 +70,8 @@ def main() -> None:
             continue
         for rate in (float(r) for r in args.rates.split(",")):
             keras.utils.set_random_seed(42)
-            # the linear model's rate is absolute: the peak rate only scales it back
-            settings = classifier_task.ClassifierSettings(
-                learning_rate=classifier_task.DEFAULT_LEARNING_RATE)
-            f1 = classifier_task.bag_of_words_trial(data, rate, args.epochs, planned, settings)
+            f1 = classifier_task.bag_of_words_trial(data, rate, args.epochs, planned,
+                                                    classifier_task.ClassifierSettings())
             results.setdefault(task, {})[f"{rate:g}"] = [round(f, 4) for f in f1]
             run_directory.write_json_file(path, results)
             print(f"{task} rate {rate:g}: " + " ".join(f"{f:.3f}" for f in f1)

@@ -519,7 +519,7 @@ def test_bag_of_words_rate_is_chosen_on_valid_and_the_seed_restored(capsys):
     data = classifier_task.ClassificationData(
         vocab, ["a", "b"], "space",
         {"train": word_label_data(256, 0), "valid": word_label_data(128, 1)}, 32, 12)
-    settings = classifier_task.ClassifierSettings(learning_rate=1e-3)
+    settings = classifier_task.ClassifierSettings()
     # the linear model alone learns the marker words in its few trial epochs (the priors
     # alone: 0.67 at best)
     assert classifier_task.bag_of_words_trial(data, 10.0, 3, 10, settings)[-1] > 0.85
@@ -540,24 +540,6 @@ def test_bag_of_words_rate_is_chosen_on_valid_and_the_seed_restored(capsys):
         classifier_task.build_and_compile(
             model.build_backbone(tiny_config("textcnn", vocab_size=60)),
             *data.splits["train"], 2, 8, settings)
-
-
-def test_default_learning_rate_is_lower_only_for_a_transformer_on_a_large_set(capsys):
-    large = classifier_task.LARGE_SET_STEPS_PER_EPOCH + 1
-    rates = {(backbone, steps): classifier_task.default_learning_rate(backbone, steps)
-             for backbone in model.BACKBONES for steps in (16, large)}
-    assert rates == {("textcnn", 16): 1e-3, ("textcnn", large): 1e-3,
-                     ("transformer", 16): 1e-3, ("transformer", large): 3e-4}
-    chosen = classifier_task.choose_learning_rate(classifier_task.ClassifierSettings(),
-                                                  "transformer", 217)
-    assert chosen.learning_rate == 3e-4
-    assert "learning rate 0.0003 (the default for a transformer on 217 batches" in \
-        capsys.readouterr().out
-    given = classifier_task.ClassifierSettings(learning_rate=2e-3)
-    assert classifier_task.choose_learning_rate(given, "transformer", 217) is given
-    assert capsys.readouterr().out == ""
-    with pytest.raises(ValueError, match="choose_learning_rate"):
-        classifier_task.make_optimizer(classifier_task.ClassifierSettings(), 2, 8)
 
 
 TWO_REPLICA_LOSS = """
