@@ -36,7 +36,7 @@ cli.define_classifier_flags("runs/ft", (
     "times it. The default, 1e-3, serves both backbones at every measured data size. A lower "
     "rate for the pretrained Transformer on a large labelled set helped one sample task and "
     "hurt the other (test F1 at 3e-4 against 1e-3: reviews, 13,888 lines, 0.843 against "
-    "0.828; entities, 15,189 lines, 0.875 against 0.899): try 3e-4 when the validation loss "
+    "0.828; entities, 15,189 lines, 0.875 against 0.894): try 3e-4 when the validation loss "
     "rises from the first epochs."))
 flags.DEFINE_string("pretrained_dir", "runs/lm", "Run directory of train_bert_lm.py (its "
                     "--ckpt_dir): config.json, vocab.txt, data_config.json, backbone.weights.h5. "
