@@ -297,8 +297,9 @@ TEST_MODE_LINES = {"train": 2000, "valid": 400, "test": 400}
 
 def define_classifier_flags(default_ckpt_dir: str, learning_rate_help: str) -> None:
     """Flags common to train_bert_fine_tuning.py and train_transform.py; each script says in
-    `learning_rate_help` what its default rate (1e-3) rests on."""
-    define_common_flags(1e-3, 0.0, "Use a small slice of each file, the tiny "
+    `learning_rate_help` what the default rate (ClassifierSettings', 1e-3) rests on."""
+    define_common_flags(classifier_task.ClassifierSettings.learning_rate, 0.0,
+                        "Use a small slice of each file, the tiny "
                         "preset (from scratch) and two epochs, to try an idea quickly.",
                         num_epochs=None, num_epochs_help="Passes over the training data, at "
                         "most. Default: enough for 1,000 steps, within 10 to 100 epochs (a "
