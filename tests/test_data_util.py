@@ -120,6 +120,21 @@ def test_chunks_are_encoded_into_the_tokens_of_their_lines(backend):
         data_util._forget_numbering()
 
 
+@pytest.mark.parametrize("backend", data_util.WORD_BACKENDS)
+def test_lines_cut_as_one_text_or_one_by_one_give_the_same_tokens(backend):
+    """A chunk's lines are cut as one text joined by "\\n"; where the segmenter would merge a
+    joint into another token ("\\r" + "\\n" is one token in both), they are cut line by line."""
+    if backend == "rjieba":
+        pytest.importorskip("rjieba")
+    cut = data_util.segmenter(backend)
+    for texts in (TRICKY_LINES, ["北京\r", "", "上海 天津"], ["一行"], []):
+        numbering = data_util._first_sight_numbering()
+        ids, lengths = data_util._cut_lines_joined(cut, texts, numbering)
+        tokens = list(numbering)
+        assert [tokens[i] for i in ids] == [t for text in texts for t in cut(text)]
+        assert lengths.tolist() == [len(cut(text)) for text in texts]
+
+
 @pytest.mark.slow
 def test_rjieba_backend_matches_jieba_on_the_sample_corpora():
     pytest.importorskip("rjieba")

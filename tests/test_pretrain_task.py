@@ -187,10 +187,13 @@ def test_corpus_cache_round_trip_and_reuse(tmp_path, capsys):
     assert changed != path
 
 
+# block_tokens None: the provisional ids stay in memory; a number: they go to the scratch file
+# (after the first 10), read back in blocks of about that many
 @pytest.mark.parametrize("style,vocab_size,block_tokens,process_num,numbering_limit",
-                         [("space", 8, 1 << 20, 1, 1 << 18), ("space", 1000, 7, 1, 1 << 18),
+                         [("space", 8, None, 1, 1 << 18), ("space", 1000, 7, 1, 1 << 18),
                           ("space", 8, 20, 1, 1 << 18), ("space", 8, 20, 2, 1 << 18),
-                          ("word", 12, 20, 2, 5), ("word", 1000, 1 << 20, 1, 1 << 18)])
+                          ("word", 12, 20, 2, 5), ("word", 1000, None, 1, 1 << 18),
+                          ("word", 12, None, 2, 5)])
 def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, style, vocab_size,
                                                    block_tokens, process_num, numbering_limit):
     """Same vocabulary (ties and all, literal special tokens too), same cache file name and ids,
@@ -198,7 +201,12 @@ def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, style,
     by line, `tokenize` itself); the scratch file is read back in blocks of whole rows of any
     size, and removed. The one pass numbers the tokens in the workers: chunks of 2-3 lines,
     blank lines among them, a worker's numbering started afresh every few tokens."""
-    monkeypatch.setattr(data_util._token_cache_blocks, "__defaults__", (block_tokens,))
+    if block_tokens:
+        monkeypatch.setattr(data_util, "HELD_IDS", 10)
+        monkeypatch.setattr(data_util._token_cache_blocks, "__defaults__", (block_tokens,))
+    read_back, read = [], data_util._token_cache_blocks
+    monkeypatch.setattr(data_util, "_token_cache_blocks",
+                        lambda *args: read_back.append(args) or read(*args))
     monkeypatch.setattr(data_util, "UNLABELLED_CHUNK_BYTES", 100)  # 2 or 3 lines a chunk
     monkeypatch.setattr(data_util, "NUMBERING_LIMIT", numbering_limit)
     corpus_file = tmp_path / "corpus.txt"
@@ -223,6 +231,7 @@ def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, style,
     with h5py.File(cache, "r") as h5:
         np.testing.assert_array_equal(h5["line_numbers"][:], [*range(1, 8), *range(10, 43)])
     assert not [name for name in os.listdir(tmp_path / "one") if "provisional" in name]
+    assert bool(read_back) == bool(block_tokens)
 
 
 @pytest.mark.parametrize("process_num", [1, 2])
