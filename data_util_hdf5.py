@@ -302,6 +302,7 @@ _word_backend: str | None = None
 _ASCII_NEXT_TO_SYMBOL = re.compile(r"[A-Za-z0-9][+#&._%\-]|[+#&._%\-][A-Za-z0-9]")
 _ASCII_RUN = re.compile(r"[A-Za-z0-9+#&._%\-]+")
 _JIEBA_HMM_SKIP = re.compile(r"([A-Za-z0-9]+(?:\.\d+)?%?)")
+_SPACE_BUT_NEWLINE = re.compile(r"[^\S\n]")  # \s is what str.isspace() and str.split() see
 
 
 def word_backend() -> str:
@@ -837,11 +838,11 @@ class Vocabulary:
     def __init__(self, tokens: list[str], source: str = "<vocabulary>", check: bool = True):
         """`check` False skips the validation, for a list ranked here (its tokens are unique
         and free of whitespace by construction)."""
-        problem = check and _vocabulary_problem(tokens)
-        if problem:
-            raise DataError(f"{source}:{problem}")
         self.tokens = list(tokens)
         self._ids = dict(zip(self.tokens, range(len(self.tokens))))
+        problem = check and _vocabulary_problem(self.tokens, len(self._ids) == len(self.tokens))
+        if problem:
+            raise DataError(f"{source}:{problem}")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -877,21 +878,27 @@ class Vocabulary:
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
-        return cls([line.removesuffix("\r") for line in lines], source=path)
+        if "\r" in text:  # edited on Windows
+            lines = [line.removesuffix("\r") for line in lines]
+        return cls(lines, source=path)
 
     def fingerprint(self) -> str:
         """sha256 of the token list: equal fingerprints mean identical token <-> id maps."""
         return hashlib.sha256("\n".join(self.tokens).encode("utf-8")).hexdigest()
 
 
-def _vocabulary_problem(tokens: list[str]) -> str | None:
-    """None if valid, else 'line: what is wrong; what to do' (line numbers from 1)."""
+def _vocabulary_problem(tokens: list[str], unique: bool) -> str | None:
+    """None if valid, else 'line: what is wrong; what to do' (line numbers from 1); `unique`
+    says whether the tokens are all different."""
     if list(tokens[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
         return (f"1: a vocabulary must start with the {len(SPECIAL_TOKENS)} special tokens "
                 f"{' '.join(SPECIAL_TOKENS)}, one a line; rebuild it (delete the file) rather than "
                 "editing it")
-    # the common case, a valid file, checked at C speed; the loop below finds the line
-    if " ".join(tokens).split() == list(tokens) and len(set(tokens)) == len(tokens):
+    # the common case, a valid file, checked at C speed (no whitespace but the joints, no empty
+    # token); the loop below finds the line
+    joined = "\n".join(tokens)
+    if (unique and joined.count("\n") == len(tokens) - 1 and "\n\n" not in joined
+            and not joined.endswith("\n") and not _SPACE_BUT_NEWLINE.search(joined)):
         return None
     seen = set()
     for line_no, token in enumerate(tokens, start=1):
@@ -975,8 +982,9 @@ def load_or_build_vocabulary(paths: list[str], tokenize_style: str, vocab_size: 
 
 
 def _vocabulary_file(paths: list[str], tokenize_style: str, vocab_size: int, cache_dir: str,
-                     labelled: bool, encoding: str) -> str:
-    fingerprint = fingerprint_of({"files": [file_fingerprint(p) for p in paths],
+                     labelled: bool, encoding: str, file_prints: list[str] | None = None) -> str:
+    """`file_prints`: the `file_fingerprint`s of `paths` when the caller has them already."""
+    fingerprint = fingerprint_of({"files": file_prints or [file_fingerprint(p) for p in paths],
                                   "tokenize_style": tokenize_style, "vocab_size": vocab_size,
                                   "labelled": labelled, "encoding": encoding,
                                   "format": FORMAT_VERSION})
@@ -1227,9 +1235,12 @@ def _classification_split(h5: h5py.File, cache_file: str, split: str) -> h5py.Gr
 
 # ----------------------------------------------------------------------------- token cache
 def load_or_build_token_cache(path: str, vocab: Vocabulary, tokenize_style: str, cache_dir: str,
-                              encoding: str = "utf-8", process_num: int | None = None) -> str:
-    """Path of an HDF5 cache of `path`'s non-blank lines as ragged rows of token ids."""
-    cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding)
+                              encoding: str = "utf-8", process_num: int | None = None,
+                              file_print: str | None = None) -> str:
+    """Path of an HDF5 cache of `path`'s non-blank lines as ragged rows of token ids
+    (`file_print`: `path`'s `file_fingerprint`, when the caller has it already)."""
+    cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding,
+                                           file_print)
     if open_valid_cache(cache, fingerprint):
         print(f"Reusing token cache {cache}")
         return cache
@@ -1250,11 +1261,13 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
     scratch HDF5 file beside the cache, so memory does not grow with the corpus) are mapped to
     the final ones by array lookups.
     """
-    vocab_file = _vocabulary_file([path], tokenize_style, vocab_size, cache_dir, False, encoding)
+    file_print = file_fingerprint(path)  # hashed once for both file names
+    vocab_file = _vocabulary_file([path], tokenize_style, vocab_size, cache_dir, False, encoding,
+                                  [file_print])
     if os.path.exists(vocab_file):
         vocab = Vocabulary.load(vocab_file)
         return vocab, load_or_build_token_cache(path, vocab, tokenize_style, cache_dir, encoding,
-                                                process_num)
+                                                process_num, file_print)
     _check_vocab_size(vocab_size)
     provisional = _first_sight_numbering()
     scratch = vocab_file[:-len(".txt")] + "-provisional.h5"  # rewritten by the next run if left
@@ -1267,7 +1280,8 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
             counts += np.bincount(ids, minlength=len(provisional))
         vocab, final = _vocabulary_by_rank(list(provisional), counts, vocab_size, [path])
         vocab.save(vocab_file)
-        cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding)
+        cache, fingerprint = _token_cache_file(path, vocab, tokenize_style, cache_dir, encoding,
+                                               file_print)
         if not open_valid_cache(cache, fingerprint):
             remapped = ((lines, lengths, final[ids]) for lines, lengths, ids in replay())
             _write_token_cache(cache, fingerprint, remapped, tokenize_style, path)
@@ -1314,9 +1328,10 @@ def _token_cache_blocks(cache_file: str, block_tokens: int = 1 << 20):
 
 
 def _token_cache_file(path: str, vocab: Vocabulary, tokenize_style: str, cache_dir: str,
-                      encoding: str) -> tuple[str, str]:
+                      encoding: str, file_print: str | None = None) -> tuple[str, str]:
     fingerprint = fingerprint_of({
-        "kind": "tokens", "format_version": FORMAT_VERSION, "file": file_fingerprint(path),
+        "kind": "tokens", "format_version": FORMAT_VERSION,
+        "file": file_print or file_fingerprint(path),
         "vocab": vocab.fingerprint(), "tokenize_style": tokenize_style, "encoding": encoding,
         "word_backend": word_backend() if tokenize_style == "word" else None})
     return cache_path(cache_dir, "tokens", fingerprint), fingerprint

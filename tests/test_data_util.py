@@ -214,6 +214,26 @@ def test_vocabulary_save_load_and_corrupt_files(tmp_path):
         data_util.build_vocabulary([bad], "space", 5)
 
 
+@pytest.mark.parametrize("extra,problem", [
+    (["北京", "a\nb"], "7: empty token or token with whitespace"),
+    (["北京", ""], "7: empty token or token with whitespace"),
+    (["", "北京"], "6: empty token or token with whitespace"),
+    (["北京", "a\u3000b"], "7: empty token or token with whitespace"),
+    (["北京", "\x1c"], "7: empty token or token with whitespace"),
+    (["北京", "上海", "北京"], "8: token '北京' appears twice"),
+    (["北京", "[UNK]"], "7: token '[UNK]' appears twice"),
+    (["北京", "上海"], None)])
+def test_vocabulary_checks_every_token(extra, problem):
+    """The quick check of a valid list and the line by line search agree on what is wrong."""
+    tokens = data_util.SPECIAL_TOKENS + extra
+    if problem is None:
+        assert data_util.Vocabulary(tokens).tokens == tokens
+        return
+    with pytest.raises(data_util.DataError, match=re.escape(f"<vocabulary>:{problem}")):
+        data_util.Vocabulary(tokens)
+    assert data_util.Vocabulary(tokens, check=False).tokens == tokens
+
+
 def test_label_list_by_frequency_then_name(tmp_path):
     path = write(tmp_path / "t.txt", "x __label__b\ny __label__a __label__c\nz __label__c\n"
                  "w __label__b __label__b\nno label here\n")
