@@ -61,7 +61,8 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_LINES = 2000
 # A chunk also ends at this many characters, so a file of very long lines stays bounded in memory.
 CHUNK_CHARS = 4_000_000
-UNLABELLED_CHUNK_BYTES = 1 << 19  # about 2,000 lines of the sample corpus
+# Chunks read as bytes and decoded where they are tokenized (a worker) hold about this many.
+RAW_CHUNK_BYTES = 1 << 19  # about 2,000 lines of the sample corpus
 MAX_LISTED_WARNINGS = 10
 
 
@@ -532,6 +533,7 @@ class _ChunkNumbering:
     def __init__(self, run: str):
         self.run, self.ids, self.sent = run, _first_sight_numbering(), 0
         self.replaced: dict[int, list[int]] = {}  # `word`: what tokenize() makes of odd tokens
+        self.vocabulary_ids = np.zeros(0, np.int32)  # a labelled run's: number -> vocabulary id
 
     def new_tokens(self) -> tuple[int, list[str]]:
         """(how many tokens were sent before, the tokens numbered since), now marked as sent."""
@@ -689,20 +691,24 @@ def _pool_context():
 
 def _map_chunks_in_order(chunks: Iterable[list], job: tuple, process_num: int,
                          work: Callable = _tokenize_chunk, remote: Callable | None = None,
-                         unpack: Callable = lambda result: result, count: Callable = len
+                         unpack: Callable = lambda result: result, count: Callable = len,
+                         initializer: Callable | None = None, initargs: tuple = ()
                          ) -> Iterator[tuple[int, object]]:
     """Yield (count(chunk), work(*job, chunk)) in file order, with at most 2 chunks per worker
-    in flight. A pool runs `remote` (default `work`) and the parent `unpack`s its result."""
+    in flight. A pool runs `remote` (default `work`) and the parent `unpack`s its result.
+    `initializer(*initargs)` runs once in each worker, or here when there is no pool."""
     chunks = iter(chunks)
     head = list(itertools.islice(chunks, 2))
     if process_num == 1 or len(head) < 2:  # one chunk: a pool would cost more than it saves
+        if initializer:
+            initializer(*initargs)
         for chunk in itertools.chain(head, chunks):
             yield count(chunk), work(*job, chunk)
         return
     if job[0] == "word":
         # the dictionary loaded once here and inherited by forked workers, not once per worker
         segmenter(job[-1])("中文")
-    with _pool_context().Pool(process_num) as pool:
+    with _pool_context().Pool(process_num, initializer, initargs) as pool:
         pending = collections.deque()
         for chunk in itertools.chain(head, chunks):
             pending.append((count(chunk), pool.apply_async(remote or work, (*job, chunk))))
@@ -744,7 +750,7 @@ def _encoded_chunks(path: str, tokenize_style: str, encoding: str,
     progress = _Progress(path)
     try:
         for num_lines, encoded in _map_chunks_in_order(
-                _read_raw_chunks(path, UNLABELLED_CHUNK_BYTES), job,
+                _read_raw_chunks(path, RAW_CHUNK_BYTES), job,
                 resolve_process_num(process_num, tokenize_style), work=_encode_chunk,
                 count=lambda chunk: len(chunk[1])):
             progress.advance(num_lines)
@@ -752,6 +758,89 @@ def _encoded_chunks(path: str, tokenize_style: str, encoding: str,
     finally:
         _forget_numbering()  # this process's, when it tokenized without a pool
     progress.done()
+
+
+_chunk_vocabulary: "Vocabulary | None" = None  # what _encode_labelled_chunk encodes with
+
+
+def _use_vocabulary(vocab: "Vocabulary | None") -> None:
+    global _chunk_vocabulary
+    _chunk_vocabulary = vocab
+
+
+def _encode_labelled_chunk(style: str, path: str, encoding: str, run: str, backend: str,
+                           sequence_length: int, chunk: tuple[int, list[bytes]]) -> tuple:
+    """A labelled chunk of `_read_raw_chunks` decoded, tokenized and encoded where it is
+    tokenized, with the vocabulary `_use_vocabulary` installed there: (line numbers int64 [n],
+    ids int32 [n, sequence_length] as `encode_example` gives them, the labels of each row, the
+    numbers of the lines without a label). Only arrays and labels cross back to the parent."""
+    kept, skipped = [], []
+    for line_no, text in _decode_chunk(path, encoding, *chunk):
+        if text.strip():
+            body, labels = parse_label_line(text)
+            (kept if labels else skipped).append((line_no, body, labels))
+    line_numbers = np.fromiter((line_no for line_no, _, _ in kept), np.int64, len(kept))
+    if style == "word":
+        lengths, ids = _labelled_word_ids(backend, kept, line_numbers, run)
+    else:
+        rows = [tokenize(body, style) for _, body, _ in kept]
+        lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+        ids = _chunk_vocabulary.ids_of(list(itertools.chain.from_iterable(rows)))
+    # each row's first sequence_length - 1 ids, after [CLS], padded
+    take = np.minimum(lengths, sequence_length - 1)
+    first = np.repeat(np.cumsum(lengths) - lengths, take)
+    within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
+    matrix = np.full((len(kept), sequence_length), PAD_ID, np.int32)
+    matrix[:, 0] = CLS_ID
+    matrix[:, 1:][np.arange(sequence_length - 1) < take[:, None]] = ids[first + within]
+    return line_numbers, matrix, [labels for _, _, labels in kept], [no for no, _, _ in skipped]
+
+
+def _labelled_word_ids(backend: str, kept: list[tuple], line_numbers: np.ndarray,
+                       run: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens a row [n], the rows' vocabulary ids end to end) of the `word` tokens of the
+    bodies in `kept`, by `_encode_word_chunk` (so a token new to this worker is looked up in the
+    vocabulary once) and a map from the worker's numbering to the vocabulary's ids."""
+    numbering = _numbering_for(run)
+    body_lines, body_lengths, numbers = _encode_word_chunk(
+        backend, [(line_no, body) for line_no, body, _ in kept], numbering)
+    known = numbering.vocabulary_ids
+    numbering.vocabulary_ids = np.concatenate(
+        [known, _chunk_vocabulary.ids_of(_numbered_since(numbering.ids, len(known)))])
+    lengths = np.zeros(len(kept), np.int64)  # a row whose body is blank keeps [CLS] alone
+    lengths[np.searchsorted(line_numbers, body_lines)] = body_lengths
+    return lengths, numbering.vocabulary_ids[numbers]
+
+
+def encoded_labelled_chunks(path: str, vocab: "Vocabulary", sequence_length: int,
+                            tokenize_style: str, encoding: str = "utf-8",
+                            process_num: int | None = None) -> Iterator[tuple]:
+    """A labelled file as examples, in file order, a chunk at a time: (line numbers [n], ids
+    int32 [n, sequence_length] as `encode_example` gives them, the labels of each row), by
+    `process_num` processes that tokenize and encode (see resolve_process_num). Blank lines are
+    skipped silently, label-less ones with a warning; a file in which no line has a label
+    raises DataError."""
+    _check_style(tokenize_style)
+    check_encoding(encoding)
+    check_minimum_sequence_length(sequence_length)
+    job = (tokenize_style, path, encoding, os.urandom(8).hex(), word_backend(), sequence_length)
+    progress, skips, parsed = _Progress(path), _SkipReport(path), 0
+    try:
+        for num_lines, (line_numbers, ids, labels, skipped) in _map_chunks_in_order(
+                _read_raw_chunks(path, RAW_CHUNK_BYTES), job,
+                resolve_process_num(process_num, tokenize_style), work=_encode_labelled_chunk,
+                count=lambda chunk: len(chunk[1]), initializer=_use_vocabulary,
+                initargs=(vocab,)):
+            progress.advance(num_lines)
+            for line_no in skipped:
+                skips.add(line_no)
+            parsed += len(line_numbers)
+            yield line_numbers, ids, labels
+    finally:  # this process's, when it encoded without a pool
+        _use_vocabulary(None)
+        _forget_numbering()
+    progress.done()
+    skips.finish(parsed)
 
 
 class _Progress:
@@ -1166,12 +1255,16 @@ class _RowWriter:
                        for name, (shape, dtype) in specs.items()}
         self.filled = self.rows = 0
 
-    def add(self, **row) -> None:
-        for name, value in row.items():
-            self.blocks[name][self.filled] = value
-        self.filled += 1
-        if self.filled == self.BLOCK:
-            self.flush()
+    def extend(self, **rows: np.ndarray) -> None:
+        """Append rows given as arrays of equal length, one per dataset."""
+        count, done = len(next(iter(rows.values()))), 0
+        while done < count:
+            take = min(count - done, self.BLOCK - self.filled)
+            for name, values in rows.items():
+                self.blocks[name][self.filled:self.filled + take] = values[done:done + take]
+            self.filled, done = self.filled + take, done + take
+            if self.filled == self.BLOCK:
+                self.flush()
 
     def flush(self) -> None:
         for name, dataset in self.datasets.items():
@@ -1189,15 +1282,15 @@ def _write_classification_split(group: h5py.Group, source: str, vocab: Vocabular
     writer = _RowWriter(group, {"input_ids": ((sequence_length,), "int32"),
                                 "labels": ((len(labels),), "uint8"), "line_numbers": ((), "int64")})
     unknown, lines_with_unknown = collections.Counter(), 0
-    for line_no, tokens, line_labels in iter_tokenized_lines(source, tokenize_style, encoding,
-                                                             process_num, labelled=True):
-        hot = np.zeros(len(labels), np.uint8)
-        missing = [label for label in line_labels if label not in label_index]
-        hot[[label_index[label] for label in line_labels if label in label_index]] = 1
-        unknown.update(missing)
-        lines_with_unknown += bool(missing)
-        writer.add(input_ids=encode_example(tokens, vocab, sequence_length), labels=hot,
-                   line_numbers=line_no)
+    for line_numbers, ids, row_labels in encoded_labelled_chunks(
+            source, vocab, sequence_length, tokenize_style, encoding, process_num):
+        hot = np.zeros((len(row_labels), len(labels)), np.uint8)
+        for row, line_labels in enumerate(row_labels):
+            missing = [label for label in line_labels if label not in label_index]
+            hot[row, [label_index[label] for label in line_labels if label in label_index]] = 1
+            unknown.update(missing)
+            lines_with_unknown += bool(missing)
+        writer.extend(input_ids=ids, labels=hot, line_numbers=line_numbers)
     writer.flush()
     group.attrs.update({"source": os.path.abspath(source), "num_examples": writer.rows})
     if unknown:

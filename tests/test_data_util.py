@@ -282,6 +282,38 @@ def test_classification_cache_contents(task, capsys):
         data_util.read_classification_split(path, "test")
 
 
+@pytest.mark.parametrize("style,process_num,numbering_limit",
+                         [("word", 1, 1 << 18), ("word", 2, 1 << 18), ("word", 2, 5),
+                          ("char", 2, 1 << 18), ("space", 1, 1 << 18)])
+def test_labelled_examples_encoded_in_the_workers_are_encode_example(
+        tmp_path, monkeypatch, capsys, style, process_num, numbering_limit):
+    """Chunks of 2-3 lines, encoded where they are tokenized (a worker's numbering started
+    afresh every few tokens): every row is `encode_example` of the line's tokens, cut or padded
+    to the length; a line with labels but no text keeps [CLS] alone; label-less lines warn."""
+    monkeypatch.setattr(data_util, "RAW_CHUNK_BYTES", 100)
+    monkeypatch.setattr(data_util, "NUMBERING_LIMIT", numbering_limit)
+    texts = [line for line in TRICKY_LINES * 3 if line.strip()]
+    lines = [f"{text} __label__{'ab'[i % 2]}" for i, text in enumerate(texts)]
+    lines[3:3] = ["", "没有 标签 的 一行", "__label__b", "\u3000 __label__a"]
+    path = write(tmp_path / "train.txt", "\ufeff" + "\r\n".join(lines) + "\n")
+    vocab = data_util.build_vocabulary([path], style, 30, labelled=True, process_num=1)
+    chunks = list(data_util.encoded_labelled_chunks(path, vocab, 6, style,
+                                                    process_num=process_num))
+    assert len(chunks) > 3
+    line_numbers = np.concatenate([numbers for numbers, _, _ in chunks])
+    ids = np.concatenate([rows for _, rows, _ in chunks])
+    expected = [(no, data_util.encode_example(tokens, vocab, 6), labels)
+                for no, tokens, labels in data_util.iter_tokenized_lines(
+                    path, style, process_num=1, labelled=True)]
+    assert line_numbers.tolist() == [no for no, _, _ in expected]
+    assert ids.tolist() == [row for _, row, _ in expected]
+    assert [labels for _, _, chunk in chunks for labels in chunk] == [
+        labels for _, _, labels in expected]
+    assert ids[line_numbers.tolist().index(6)].tolist() == [data_util.CLS_ID] + [
+        data_util.PAD_ID] * 5
+    assert f"{path}:5: no __label__" in capsys.readouterr().err
+
+
 def test_a_narrower_read_equals_a_cache_built_at_that_length(task):
     files, vocab, labels, cache_dir = task
 

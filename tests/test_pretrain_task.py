@@ -207,7 +207,7 @@ def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, style,
     read_back, read = [], data_util._token_cache_blocks
     monkeypatch.setattr(data_util, "_token_cache_blocks",
                         lambda *args: read_back.append(args) or read(*args))
-    monkeypatch.setattr(data_util, "UNLABELLED_CHUNK_BYTES", 100)  # 2 or 3 lines a chunk
+    monkeypatch.setattr(data_util, "RAW_CHUNK_BYTES", 100)  # 2 or 3 lines a chunk
     monkeypatch.setattr(data_util, "NUMBERING_LIMIT", numbering_limit)
     corpus_file = tmp_path / "corpus.txt"
     words = np.random.default_rng(3).choice(["甲", "乙", "丙", "丁", "戊", "己", "[MASK]", "。",
@@ -238,7 +238,7 @@ def test_one_pass_writes_what_the_two_passes_write(tmp_path, monkeypatch, style,
 def test_a_bad_byte_deep_in_the_corpus_names_its_line(tmp_path, monkeypatch, process_num):
     """Chunks are decoded where they are tokenized (in the workers); the error still names the
     file and the line, and a GBK corpus reads with --encoding gb18030."""
-    monkeypatch.setattr(data_util, "UNLABELLED_CHUNK_BYTES", 100)
+    monkeypatch.setattr(data_util, "RAW_CHUNK_BYTES", 100)
     text = "".join(f"第{i}行 我们 今天 去 北京\n" for i in range(40))
     corpus_file = tmp_path / "corpus.txt"
     corpus_file.write_bytes(text.encode("utf-8") + "上海 广州\n".encode("gb18030"))
