@@ -11,6 +11,9 @@ the three runs below are repeated in interleaved rounds (--rounds) and the ratio
              tokenizing pass, a miss; beside it the former two passes (vocabulary, then cache)
   reload     load_or_build_corpus on the existing files + reading the cache's arrays
              (the median of 3 runs), compared with the pipeline run that built both
+Informational lines: the 1x pipeline tokenizing in-process, with plain jieba, and the
+classification cache (`word` tokens, length 512) of the mentions task's training documents
+with their spaces removed (3x, to give the workers work), against jieba.lcut on the same texts.
 Peak memory (of the pipeline run) = the process's VmHWM + process_num x the largest tokenizing
 worker's peak (0 workers when it tokenizes in-process).
 The last line is the summary, checked by scripts; everything printed also goes to
@@ -88,6 +91,22 @@ def run_pipeline(corpus: str, cache_dir: str, process_num: int | None,
             **peak_rss_mib(workers if workers > 1 else 0)}
 
 
+def run_labelled(corpus: str, cache_dir: str) -> dict:
+    """The classification cache of a labelled file, with the vocabulary of the 1x corpus (as a
+    fine-tuning run has its pretraining's), built before the clock starts."""
+    import data_util_hdf5 as data_util
+    vocab, _ = data_util.load_or_build_corpus(str(WORK / "raw_1x.txt"), "word", VOCAB_SIZE,
+                                              cache_dir)
+    labels = data_util.build_label_list(corpus)
+    start = time.perf_counter()
+    data_util.load_or_build_classification_cache({"train": corpus}, vocab, labels, 512, "word",
+                                                 cache_dir)
+    seconds = time.perf_counter() - start
+    return {"lines": len(data_util.read_classification_split(
+        str(next(Path(cache_dir).glob("classification-*.h5"))), "train")[0]),
+        "seconds": seconds}
+
+
 def run_reload(corpus: str, cache_dir: str) -> dict:
     import data_util_hdf5 as data_util
     start = time.perf_counter()
@@ -99,6 +118,8 @@ def run_reload(corpus: str, cache_dir: str) -> dict:
 def child_main(args: argparse.Namespace) -> None:
     if args.child == "jieba":
         result = run_jieba(args.corpus)
+    elif args.child == "labelled":
+        result = run_labelled(args.corpus, args.cache_dir)
     elif args.child in ("pipeline", "two_passes"):
         result = run_pipeline(args.corpus, args.cache_dir, args.process_num,
                               args.child == "two_passes")
@@ -134,6 +155,37 @@ def make_corpora(repeat: int) -> tuple[Path, Path]:
         for _ in range(repeat):
             f.write(text)
     return single, repeated
+
+
+def make_labelled(repeat: int) -> tuple[Path, Path]:
+    """The mentions task's training file with the spaces between tokens removed (labels kept),
+    `repeat` times, and its texts alone (for jieba)."""
+    from data.prepare import ensure_sample_data
+    source = ensure_sample_data()["mentions"]["train"]
+    labelled, texts = WORK / f"mentions_raw_{repeat}x.txt", WORK / f"mentions_texts_{repeat}x.txt"
+    rows = []
+    with open(source, encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            rows.append(("".join(w for w in words if not w.startswith("__label__")),
+                         " ".join(w for w in words if w.startswith("__label__"))))
+    labelled.write_text("".join(f"{text} {labels}\n" for text, labels in rows) * repeat,
+                        encoding="utf-8")
+    texts.write_text("".join(f"{text}\n" for text, _ in rows) * repeat, encoding="utf-8")
+    return labelled, texts
+
+
+def labelled_variant(repeat: int, out) -> None:
+    labelled, texts = make_labelled(repeat)
+    cache_dir = WORK / "cache_labelled"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True)
+    jieba = in_fresh_process("jieba", texts)
+    ours = in_fresh_process("labelled", labelled, cache_dir)
+    rate, jieba_rate = ours["lines"] / ours["seconds"], jieba["lines"] / jieba["seconds"]
+    out(f"  labelled: classification cache of {ours['lines']:,} mentions documents ({repeat}x, "
+        f"word, length 512): {rate:,.0f} lines/s = {rate / jieba_rate:.2f}x jieba.lcut on the "
+        f"same texts ({jieba_rate:,.0f} lines/s)")
 
 
 def measure(corpus: Path, label: str, process_num: int | None, rounds: int, out) -> dict:
@@ -189,7 +241,8 @@ def main() -> None:
                         help="the same on the large corpus (jieba alone takes minutes there)")
     parser.add_argument("--skip_variants", action="store_true",
                         help="skip the informational runs (one process, plain jieba)")
-    parser.add_argument("--child", choices=["jieba", "pipeline", "two_passes", "reload"],
+    parser.add_argument("--child", choices=["jieba", "pipeline", "two_passes", "reload",
+                                            "labelled"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
@@ -212,6 +265,7 @@ def main() -> None:
         variant(single, "rjieba in-process (--process_num 1)", 1, {}, small["jieba_rate"], out)
         variant(single, "WORD_BACKEND=jieba (no rjieba), default pool", None,
                 {"WORD_BACKEND": "jieba"}, small["jieba_rate"], out)
+        labelled_variant(3, out)
     out(f"preprocess speedup_vs_jieba={min(small['speedup'], large['speedup']):.2f} "
         f"cache_reload_speedup={min(small['reload'], large['reload']):.1f} "
         f"rss_ratio_10x={large['rss'] / small['rss']:.2f}")
