@@ -559,13 +559,18 @@ def _forget_numbering() -> None:
     _numbering = None
 
 
-def _encode_chunk(style: str, path: str, encoding: str, run: str, backend: str,
+def _encode_chunk(style: str, path: str, encoding: str, run: str, backend: str, labelled: bool,
                   chunk: tuple[int, list[bytes]]) -> tuple:
-    """An unlabelled chunk of `_read_raw_chunks` decoded, tokenized and numbered in the worker:
-    (worker, tokens it sent before, tokens new to it, line numbers int64 [n], lengths int64
-    [n], ids int32 [tokens]), the ids in the worker's numbering of run `run`. The arrays pickle
-    in one piece and every per-token step stays in the workers."""
-    lines = _decode_chunk(path, encoding, *chunk)
+    """A chunk of `_read_raw_chunks` decoded, tokenized and numbered in the worker: (worker,
+    tokens it sent before, tokens new to it, line numbers int64 [n], lengths int64 [n], ids
+    int32 [tokens], numbers of the lines without a label, how many lines had one), the ids in
+    the worker's numbering of run `run`. A `labelled` chunk gives the tokens of its labelled
+    lines' texts (the last two items are [] and 0 otherwise). The arrays pickle in one piece
+    and every per-token step stays in the workers."""
+    lines, skipped = _decode_chunk(path, encoding, *chunk), []
+    if labelled:
+        bodies, skipped = _labelled_bodies(lines)
+        lines = [(line_no, body) for line_no, body, _ in bodies]
     numbering = _numbering_for(run)
     if style == "word":
         line_numbers, lengths, ids = _encode_word_chunk(backend, lines, numbering)
@@ -577,7 +582,22 @@ def _encode_chunk(style: str, path: str, encoding: str, run: str, backend: str,
             tokens.extend(line_tokens)
         line_numbers, lengths = np.array(line_numbers, np.int64), np.array(lengths, np.int64)
         ids = _number_tokens(numbering.ids, tokens)
-    return (os.getpid(), *numbering.new_tokens(), line_numbers, lengths, ids)
+    return (os.getpid(), *numbering.new_tokens(), line_numbers, lengths, ids, skipped,
+            len(lines) if labelled else 0)
+
+
+def _labelled_bodies(lines: list[tuple[int, str]]) -> tuple[list[tuple], list[int]]:
+    """(line number, text, labels) of the lines with a label, and the numbers of the non-blank
+    lines without one."""
+    kept, skipped = [], []
+    for line_no, text in lines:
+        if text.strip():
+            body, labels = parse_label_line(text)
+            if labels:
+                kept.append((line_no, body, labels))
+            else:
+                skipped.append(line_no)
+    return kept, skipped
 
 
 def _first_sight_numbering() -> collections.defaultdict:
@@ -726,12 +746,14 @@ def _unpack_tokens(result: list[tuple]) -> list[tuple]:
 
 
 def _encoded_blocks(path: str, tokenize_style: str, encoding: str, process_num: int | None,
-                    number: Callable[[list[str]], np.ndarray]) -> Iterator[tuple]:
-    """(line numbers, row lengths, ids) for every chunk of an unlabelled file, in file order,
-    with a progress line; `number` maps tokens new to a worker to their int32 ids, once each."""
+                    number: Callable[[list[str]], np.ndarray],
+                    labelled: bool = False) -> Iterator[tuple]:
+    """(line numbers, row lengths, ids) for every chunk of a file (of a `labelled` file, its
+    labelled lines' texts), in file order, with a progress line; `number` maps tokens new to a
+    worker to their int32 ids, once each."""
     translations: dict[int, np.ndarray] = {}  # worker -> its numbering of tokens -> ours
     for worker, sent_before, new, line_numbers, lengths, ids in _encoded_chunks(
-            path, tokenize_style, encoding, process_num):
+            path, tokenize_style, encoding, process_num, labelled):
         known = translations.get(worker, np.zeros(0, np.int32))
         if sent_before not in (0, len(known)):  # 0: the worker started a new numbering
             raise RuntimeError(f"worker {worker} numbered {sent_before} tokens before this "
@@ -740,24 +762,30 @@ def _encoded_blocks(path: str, tokenize_style: str, encoding: str, process_num: 
         yield line_numbers, lengths, known[ids]
 
 
-def _encoded_chunks(path: str, tokenize_style: str, encoding: str,
-                    process_num: int | None) -> Iterator[tuple]:
-    """`_encode_chunk`'s results for every chunk of an unlabelled file, in file order, with a
-    progress line."""
+def _encoded_chunks(path: str, tokenize_style: str, encoding: str, process_num: int | None,
+                    labelled: bool = False) -> Iterator[tuple]:
+    """`_encode_chunk`'s first six results for every chunk of a file, in file order, with a
+    progress line; label-less lines of a `labelled` file are reported as `iter_tokenized_lines`
+    reports them, and a labelled file without any label raises DataError."""
     _check_style(tokenize_style)
     check_encoding(encoding)
-    job = (tokenize_style, path, encoding, os.urandom(8).hex(), word_backend())
-    progress = _Progress(path)
+    job = (tokenize_style, path, encoding, os.urandom(8).hex(), word_backend(), labelled)
+    progress, skips, parsed = _Progress(path), _SkipReport(path), 0
     try:
         for num_lines, encoded in _map_chunks_in_order(
                 _read_raw_chunks(path, RAW_CHUNK_BYTES), job,
                 resolve_process_num(process_num, tokenize_style), work=_encode_chunk,
                 count=lambda chunk: len(chunk[1])):
             progress.advance(num_lines)
-            yield encoded
+            for line_no in encoded[6]:
+                skips.add(line_no)
+            parsed += encoded[7]
+            yield encoded[:6]
     finally:
         _forget_numbering()  # this process's, when it tokenized without a pool
     progress.done()
+    if labelled:
+        skips.finish(parsed)
 
 
 _chunk_vocabulary: "Vocabulary | None" = None  # what _encode_labelled_chunk encodes with
@@ -774,11 +802,7 @@ def _encode_labelled_chunk(style: str, path: str, encoding: str, run: str, backe
     tokenized, with the vocabulary `_use_vocabulary` installed there: (line numbers int64 [n],
     ids int32 [n, sequence_length] as `encode_example` gives them, the labels of each row, the
     numbers of the lines without a label). Only arrays and labels cross back to the parent."""
-    kept, skipped = [], []
-    for line_no, text in _decode_chunk(path, encoding, *chunk):
-        if text.strip():
-            body, labels = parse_label_line(text)
-            (kept if labels else skipped).append((line_no, body, labels))
+    kept, skipped = _labelled_bodies(_decode_chunk(path, encoding, *chunk))
     line_numbers = np.fromiter((line_no for line_no, _, _ in kept), np.int64, len(kept))
     if style == "word":
         lengths, ids = _labelled_word_ids(backend, kept, line_numbers, run)
@@ -793,7 +817,7 @@ def _encode_labelled_chunk(style: str, path: str, encoding: str, run: str, backe
     matrix = np.full((len(kept), sequence_length), PAD_ID, np.int32)
     matrix[:, 0] = CLS_ID
     matrix[:, 1:][np.arange(sequence_length - 1) < take[:, None]] = ids[first + within]
-    return line_numbers, matrix, [labels for _, _, labels in kept], [no for no, _, _ in skipped]
+    return line_numbers, matrix, [labels for _, _, labels in kept], skipped
 
 
 def _labelled_word_ids(backend: str, kept: list[tuple], line_numbers: np.ndarray,
@@ -1008,11 +1032,14 @@ def build_vocabulary(paths: list[str], tokenize_style: str, vocab_size: int,
     or on the number of processes.
     """
     _check_vocab_size(vocab_size)
-    counts: collections.Counter = collections.Counter()
+    provisional, counts = _first_sight_numbering(), np.zeros(0, np.int64)
     for path in paths:
-        for item in iter_tokenized_lines(path, tokenize_style, encoding, process_num, labelled):
-            counts.update(item[1])
-    return vocabulary_from_counts(counts, vocab_size, paths)
+        for _, _, ids in _encoded_blocks(path, tokenize_style, encoding, process_num,
+                                         lambda new: _number_tokens(provisional, new), labelled):
+            block = np.bincount(ids, minlength=len(counts))
+            counts = np.pad(counts, (0, len(block) - len(counts))) + block
+    counts = np.pad(counts, (0, len(provisional) - len(counts)))  # tokens that became none
+    return _vocabulary_by_rank(list(provisional), counts, vocab_size, paths)[0]
 
 
 def _check_vocab_size(vocab_size: int) -> None:

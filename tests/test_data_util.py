@@ -1,4 +1,5 @@
 """data_util_hdf5 on real files with real jieba and h5py: parsing, vocabulary, caches, failures."""
+import collections
 import errno
 import os
 import re
@@ -102,9 +103,11 @@ def test_chunks_are_encoded_into_the_tokens_of_their_lines(backend):
     known, run = [], "test-run"
     try:
         for first_line_no, lines in ((1, raw[:13]), (14, raw[13:])):
-            worker, sent_before, new, line_numbers, lengths, ids = data_util._encode_chunk(
-                "word", "corpus.txt", "utf-8", run, backend, (first_line_no, lines))
+            worker, sent_before, new, line_numbers, lengths, ids, skipped, kept = \
+                data_util._encode_chunk("word", "corpus.txt", "utf-8", run, backend, False,
+                                        (first_line_no, lines))
             assert worker == os.getpid() and sent_before == len(known)
+            assert skipped == [] and kept == 0
             assert len(set(new)) == len(new) and not set(new) & set(known)
             known += new
             expected = [(no, data_util.tokenize(text, "word"))
@@ -287,24 +290,27 @@ def test_classification_cache_contents(task, capsys):
                           ("char", 2, 1 << 18), ("space", 1, 1 << 18)])
 def test_labelled_examples_encoded_in_the_workers_are_encode_example(
         tmp_path, monkeypatch, capsys, style, process_num, numbering_limit):
-    """Chunks of 2-3 lines, encoded where they are tokenized (a worker's numbering started
-    afresh every few tokens): every row is `encode_example` of the line's tokens, cut or padded
-    to the length; a line with labels but no text keeps [CLS] alone; label-less lines warn."""
+    """Chunks of 2-3 lines, counted and encoded where they are tokenized (a worker's numbering
+    started afresh every few tokens): the vocabulary is the one counted line by line, every row
+    is `encode_example` of the line's tokens, cut or padded to the length; a line with labels
+    but no text keeps [CLS] alone; label-less lines warn."""
     monkeypatch.setattr(data_util, "RAW_CHUNK_BYTES", 100)
     monkeypatch.setattr(data_util, "NUMBERING_LIMIT", numbering_limit)
     texts = [line for line in TRICKY_LINES * 3 if line.strip()]
     lines = [f"{text} __label__{'ab'[i % 2]}" for i, text in enumerate(texts)]
     lines[3:3] = ["", "没有 标签 的 一行", "__label__b", "\u3000 __label__a"]
     path = write(tmp_path / "train.txt", "\ufeff" + "\r\n".join(lines) + "\n")
-    vocab = data_util.build_vocabulary([path], style, 30, labelled=True, process_num=1)
+    vocab = data_util.build_vocabulary([path], style, 30, labelled=True, process_num=process_num)
+    by_line = list(data_util.iter_tokenized_lines(path, style, process_num=1, labelled=True))
+    counted = collections.Counter(token for _, tokens, _ in by_line for token in tokens)
+    assert vocab.tokens == data_util.vocabulary_from_counts(counted, 30, [path]).tokens
     chunks = list(data_util.encoded_labelled_chunks(path, vocab, 6, style,
                                                     process_num=process_num))
     assert len(chunks) > 3
     line_numbers = np.concatenate([numbers for numbers, _, _ in chunks])
     ids = np.concatenate([rows for _, rows, _ in chunks])
     expected = [(no, data_util.encode_example(tokens, vocab, 6), labels)
-                for no, tokens, labels in data_util.iter_tokenized_lines(
-                    path, style, process_num=1, labelled=True)]
+                for no, tokens, labels in by_line]
     assert line_numbers.tolist() == [no for no, _, _ in expected]
     assert ids.tolist() == [row for _, row, _ in expected]
     assert [labels for _, _, chunk in chunks for labels in chunk] == [
