@@ -51,11 +51,15 @@ def backbone_inputs(*extra_names: str) -> dict[str, keras.KerasTensor]:
             for name in (*INPUT_NAMES, *extra_names)}
 
 
-def build_backbone(config: ModelConfig) -> keras.Model:
+def build_backbone(config: ModelConfig, first_position_only: bool = False) -> keras.Model:
     """`{token_ids, segment_ids, padding_mask}` -> `{sequence_output [B,T,d], pooled_output [B,d]}`.
 
     Transformer: `num_layer` encoder blocks, pooled = the [CLS] state. TextCNN: per-position
     convolution features projected to d_model, pooled = max + mean over the real positions.
+    `first_position_only` (Transformer; for scoring a classifier, not for training one): the last
+    block computes the [CLS] position alone, so sequence_output is [B,1,d] and pooled_output the
+    same numbers (to float rounding) for about (num_layer - 0.8) / num_layer of the work. Same
+    weights, so either loads the other's files.
     """
     config.validate()
     inputs = backbone_inputs()
@@ -65,9 +69,11 @@ def build_backbone(config: ModelConfig) -> keras.Model:
     x = embeddings(inputs["token_ids"], inputs["segment_ids"])
     if config.backbone == "transformer":
         for i in range(config.num_layer):
+            last = i == config.num_layer - 1
             x = TransformerBlock(config.d_model, config.num_header, config.d_k, config.d_v,
                                  config.d_ff, config.dropout, config.initializer_range,
-                                 name=f"transformer_layer_{i}")(x, inputs["padding_mask"])
+                                 name=f"transformer_layer_{i}")(
+                x, inputs["padding_mask"], first_only=first_position_only and last)
         pooler = Pooler(config.d_model, "cls", config.pooled_tanh, config.initializer_range,
                         name="pooler")
     else:

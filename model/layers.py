@@ -119,7 +119,8 @@ class SelfAttention(keras.layers.Layer):
     [d, H*(2*d_k + d_v)] matmul instead of three, the padding mask added as a bias before a
     single softmax, and batched matmuls whose transposes the graph optimiser folds away. On a
     CPU the [B, H, T, T] score tensor is what costs; it is touched as few times as possible.
-    Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`.
+    Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`; with `first_only`, only the first
+    position asks (it still attends to every position) -> `[B,1,d]`.
     """
 
     def __init__(self, d_model: int, num_header: int, d_k: int, d_v: int, dropout: float = 0.1,
@@ -143,11 +144,12 @@ class SelfAttention(keras.layers.Layer):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         return ops.transpose(ops.reshape(x, (batch, length, self.num_header, width)), (0, 2, 1, 3))
 
-    def call(self, x, padding_mask, training=None):
+    def call(self, x, padding_mask, training=None, first_only=False):
         key_size = self.num_header * self.d_k
         projected = self.query_key_value(x)
+        asking = projected[:, :1] if first_only else projected
         # scaling the [B,T,H*d_k] queries is cheaper than scaling the [B,H,T,T] scores
-        query = self._heads(projected[..., :key_size] * (self.d_k ** -0.5), self.d_k)
+        query = self._heads(asking[..., :key_size] * (self.d_k ** -0.5), self.d_k)
         key = self._heads(projected[..., key_size:2 * key_size], self.d_k)
         value = self._heads(projected[..., 2 * key_size:], self.d_v)
         # [B,1,1,T]: a large negative score for padding keys, so softmax gives them nothing
@@ -155,11 +157,11 @@ class SelfAttention(keras.layers.Layer):
         scores = ops.matmul(query, ops.swapaxes(key, -1, -2)) + ops.cast(blocked, x.dtype)
         weights = self.dropout_layer(ops.softmax(scores, axis=-1), training=training)
         context = ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
-        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        batch, length = ops.shape(x)[0], ops.shape(asking)[1]
         return self.output_dense(ops.reshape(context, (batch, length, self.num_header * self.d_v)))
 
     def compute_output_shape(self, x_shape, padding_mask_shape=None):
-        return x_shape
+        return x_shape  # the length is symbolic (None), first_only or not
 
     def get_config(self) -> dict:
         return {**super().get_config(), "d_model": self.d_model, "num_header": self.num_header,
@@ -171,7 +173,9 @@ class SelfAttention(keras.layers.Layer):
 class TransformerBlock(keras.layers.Layer):
     """Post-LN encoder block (as BERT): self-attention with the padding mask, then a GELU
     feed-forward; residual + LayerNorm after each. Per-head key size d_k and value size d_v, as
-    the original's flags. Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`."""
+    the original's flags. Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`; with
+    `first_only`, the first position's new state alone -> `[B,1,d]` (what a [CLS] pooler reads
+    from the last block, for a fraction of the block's work)."""
 
     def __init__(self, d_model: int, num_header: int, d_k: int, d_v: int, d_ff: int,
                  dropout: float = 0.1, initializer_range: float = 0.02, **kwargs):
@@ -198,14 +202,15 @@ class TransformerBlock(keras.layers.Layer):
         self.output_norm.build(shape)
         self.built = True
 
-    def call(self, x, padding_mask, training=None):
-        attended = self.attention(x, padding_mask, training=training)
+    def call(self, x, padding_mask, training=None, first_only=False):
+        attended = self.attention(x, padding_mask, training=training, first_only=first_only)
+        x = x[:, :1] if first_only else x
         x = self.attention_norm(x + self.dropout_layer(attended, training=training))
         hidden = self.output_dense(self.intermediate(x))
         return self.output_norm(x + self.dropout_layer(hidden, training=training))
 
     def compute_output_shape(self, x_shape, padding_mask_shape=None):
-        return x_shape
+        return x_shape  # the length is symbolic (None), first_only or not
 
     def get_config(self) -> dict:
         return {**super().get_config(), "d_model": self.d_model, "num_header": self.num_header,

@@ -352,6 +352,29 @@ def save(net, config, directory) -> tuple[str, str]:
     return config_file, weights_file
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("bag_of_words", [False, True])
+def test_a_classifier_whose_last_block_computes_cls_alone_scores_the_same(backbone, bag_of_words,
+                                                                         tmp_path):
+    """predict.py's classifier (first_position_only) reads the full one's weight file and gives
+    the same logits, padding and all; its sequence output is the [CLS] row (TextCNN: all)."""
+    config = tiny_config(backbone, dropout=0.1)
+    full = model.build_classifier(model.build_backbone(config), 7, 0.1, bag_of_words)
+    full.save_weights(str(tmp_path / "classifier.weights.h5"))
+    fast_backbone = model.build_backbone(config, first_position_only=True)
+    fast = model.build_classifier(fast_backbone, 7, 0.1, bag_of_words)
+    fast.load_weights(str(tmp_path / "classifier.weights.h5"))
+    ids = random_ids(3, 11)
+    ids[1, 6:] = 0
+    x = inputs_for(ids)
+    np.testing.assert_allclose(fast(x, training=False).numpy(), full(x, training=False).numpy(),
+                               atol=1e-5)
+    rows = fast_backbone(x)["sequence_output"].shape[1]
+    assert rows == (1 if backbone == "transformer" else 11)
+    again = keras.Model.from_config(fast_backbone.get_config())
+    assert again(x)["sequence_output"].shape[1] == rows
+
+
 def write_config(config, path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config.to_dict(), f)
