@@ -74,11 +74,9 @@ class Predictor:
                                       "again") from None
         self.thresholds = self._read_thresholds(run)
         config = model.ModelConfig.from_json(run.verified(run_directory.CONFIG))
-        # runs from before the bag-of-words model have no key: they had none; scoring only, so
-        # the last Transformer block computes the [CLS] position alone
-        self.classifier = model.build_classifier(
-            model.build_backbone(config, first_position_only=True), len(self.labels), dropout,
-            bool(info.get("bag_of_words", False)))
+        # runs from before the bag-of-words model have no key: they had none
+        self.classifier = model.build_scoring_classifier(
+            config, len(self.labels), dropout, bool(info.get("bag_of_words", False)))
         weights = run.verified(run_directory.CLASSIFIER_WEIGHTS)
         try:
             self.classifier.load_weights(weights)

@@ -235,7 +235,7 @@ def exported_latency(backbone: str, workdir: str, rounds: int = 5) -> dict:
     import data_util_hdf5 as data_util
     import serving
     config = model.config_from_preset("small", backbone=backbone, vocab_size=VOCAB)
-    classifier = model.build_classifier(model.build_backbone(config), LABELS, 0.1)
+    classifier = model.build_scoring_classifier(config, LABELS, 0.1)  # as predict.py builds it
     vocab = data_util.Vocabulary(data_util.SPECIAL_TOKENS
                                  + [f"w{i}" for i in range(VOCAB - len(data_util.SPECIAL_TOKENS))])
     serve = {}

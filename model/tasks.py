@@ -6,8 +6,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from .backbone import (INPUT_NAMES, PAD_ID, backbone_features, backbone_inputs,
+from .backbone import (INPUT_NAMES, PAD_ID, backbone_features, backbone_inputs, build_backbone,
                        get_token_embedding, trim_padding)
+from .config import ModelConfig
 from .heads import BagOfWordsLogits, MaskedLMHead, MultiLabelHead, NextSentenceHead
 from .layers import PACKAGE, with_layer_deserialized
 
@@ -78,6 +79,15 @@ def build_classifier(backbone: keras.Model, num_labels: int, dropout: float,
         logits = logits + BagOfWordsLogits(embeddings.vocab_size, num_labels,
                                            name="bag_of_words")(inputs["token_ids"])
     return keras.Model(inputs, logits, name="classifier")
+
+
+def build_scoring_classifier(config: ModelConfig, num_labels: int, dropout: float,
+                             bag_of_words: bool = False) -> keras.Model:
+    """`build_classifier` on a new backbone of `config` whose last Transformer block computes the
+    [CLS] position alone: for scoring (predict.py, its export), never for training. It loads a
+    trained classifier's weight file and gives its logits to float rounding."""
+    return build_classifier(build_backbone(config, first_position_only=True), num_labels,
+                            dropout, bag_of_words)
 
 
 def build_bag_of_words_classifier(vocab_size: int, priors: np.ndarray) -> keras.Model:

@@ -356,14 +356,15 @@ def save(net, config, directory) -> tuple[str, str]:
 @pytest.mark.parametrize("bag_of_words", [False, True])
 def test_a_classifier_whose_last_block_computes_cls_alone_scores_the_same(backbone, bag_of_words,
                                                                          tmp_path):
-    """predict.py's classifier (first_position_only) reads the full one's weight file and gives
-    the same logits, padding and all; its sequence output is the [CLS] row (TextCNN: all)."""
+    """predict.py's classifier (build_scoring_classifier: the backbone's first_position_only)
+    reads the full one's weight file and gives the same logits, padding and all; its sequence
+    output is the [CLS] row (TextCNN: every row)."""
     config = tiny_config(backbone, dropout=0.1)
     full = model.build_classifier(model.build_backbone(config), 7, 0.1, bag_of_words)
     full.save_weights(str(tmp_path / "classifier.weights.h5"))
-    fast_backbone = model.build_backbone(config, first_position_only=True)
-    fast = model.build_classifier(fast_backbone, 7, 0.1, bag_of_words)
+    fast = model.build_scoring_classifier(config, 7, 0.1, bag_of_words)
     fast.load_weights(str(tmp_path / "classifier.weights.h5"))
+    fast_backbone = fast.get_layer("backbone")
     ids = random_ids(3, 11)
     ids[1, 6:] = 0
     x = inputs_for(ids)
