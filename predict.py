@@ -50,11 +50,10 @@ flags.DEFINE_string("export_dir", None, "Write a TensorFlow SavedModel here and 
                     "probabilities, label_ids (multi-hot, --decision_rule) and label names.")
 flags.DEFINE_boolean("export_jit_compile", False, "With --export_dir: compile the exported "
                      "network with XLA. Batch-1 latency at 200 tokens on a 2-core AVX-512 CPU: "
-                     "Transformer small 8.6-9.6 ms against 12.9-14.6, TextCNN small 2.1-2.2 "
-                     "against 2.6-2.7 (two runs; batch 64: the Transformer 0.92x). The first "
-                     "request of each new (batch size, length rounded up to 8 tokens) compiles "
-                     "a program, about 1 s on a CPU, so warm the server up with the shapes it "
-                     "will see.")
+                     "Transformer small 7.4 ms against 10.2, TextCNN small 2.2 against 2.6 "
+                     "(batch 64: the Transformer 0.97x). The first request of each new (batch "
+                     "size, length rounded up to 8 tokens) compiles a program, about 1 s on a "
+                     "CPU, so warm the server up with the shapes it will see.")
 
 
 class Predictor:
