@@ -34,6 +34,7 @@ import codecs
 import collections
 import contextlib
 import errno
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -716,18 +717,16 @@ def _map_chunks_in_order(chunks: Iterable[list], job: tuple, process_num: int,
                          ) -> Iterator[tuple[int, object]]:
     """Yield (count(chunk), work(*job, chunk)) in file order, with at most 2 chunks per worker
     in flight. A pool runs `remote` (default `work`) and the parent `unpack`s its result.
-    `initializer(*initargs)` runs once in each worker, or here when there is no pool."""
+    `initializer(*initargs)` runs once in each pool worker. `job[0]` is the tokenize style."""
     chunks = iter(chunks)
     head = list(itertools.islice(chunks, 2))
     if process_num == 1 or len(head) < 2:  # one chunk: a pool would cost more than it saves
-        if initializer:
-            initializer(*initargs)
         for chunk in itertools.chain(head, chunks):
             yield count(chunk), work(*job, chunk)
         return
     if job[0] == "word":
         # the dictionary loaded once here and inherited by forked workers, not once per worker
-        segmenter(job[-1])("中文")
+        segmenter(word_backend())("中文")
     with _pool_context().Pool(process_num, initializer, initargs) as pool:
         pending = collections.deque()
         for chunk in itertools.chain(head, chunks):
@@ -788,7 +787,7 @@ def _encoded_chunks(path: str, tokenize_style: str, encoding: str, process_num: 
         skips.finish(parsed)
 
 
-_chunk_vocabulary: "Vocabulary | None" = None  # what _encode_labelled_chunk encodes with
+_chunk_vocabulary: "Vocabulary | None" = None  # a pool worker's, for _encode_labelled_chunk
 
 
 def _use_vocabulary(vocab: "Vocabulary | None") -> None:
@@ -797,19 +796,22 @@ def _use_vocabulary(vocab: "Vocabulary | None") -> None:
 
 
 def _encode_labelled_chunk(style: str, path: str, encoding: str, run: str, backend: str,
-                           sequence_length: int, chunk: tuple[int, list[bytes]]) -> tuple:
+                           sequence_length: int, chunk: tuple[int, list[bytes]],
+                           vocab: "Vocabulary | None" = None) -> tuple:
     """A labelled chunk of `_read_raw_chunks` decoded, tokenized and encoded where it is
-    tokenized, with the vocabulary `_use_vocabulary` installed there: (line numbers int64 [n],
-    ids int32 [n, sequence_length] as `encode_example` gives them, the labels of each row, the
-    numbers of the lines without a label). Only arrays and labels cross back to the parent."""
+    tokenized, with `vocab` (in a pool worker, the one `_use_vocabulary` installed): (line
+    numbers int64 [n], ids int32 [n, sequence_length] as `encode_example` gives them, the labels
+    of each row, the numbers of the lines without a label). Only arrays and labels cross back to
+    the parent."""
+    vocab = _chunk_vocabulary if vocab is None else vocab
     kept, skipped = _labelled_bodies(_decode_chunk(path, encoding, *chunk))
     line_numbers = np.fromiter((line_no for line_no, _, _ in kept), np.int64, len(kept))
     if style == "word":
-        lengths, ids = _labelled_word_ids(backend, kept, line_numbers, run)
+        lengths, ids = _labelled_word_ids(backend, kept, line_numbers, run, vocab)
     else:
         rows = [tokenize(body, style) for _, body, _ in kept]
         lengths = np.fromiter(map(len, rows), np.int64, len(rows))
-        ids = _chunk_vocabulary.ids_of(list(itertools.chain.from_iterable(rows)))
+        ids = vocab.ids_of(list(itertools.chain.from_iterable(rows)))
     # each row's first sequence_length - 1 ids, after [CLS], padded
     take = np.minimum(lengths, sequence_length - 1)
     first = np.repeat(np.cumsum(lengths) - lengths, take)
@@ -820,8 +822,8 @@ def _encode_labelled_chunk(style: str, path: str, encoding: str, run: str, backe
     return line_numbers, matrix, [labels for _, _, labels in kept], skipped
 
 
-def _labelled_word_ids(backend: str, kept: list[tuple], line_numbers: np.ndarray,
-                       run: str) -> tuple[np.ndarray, np.ndarray]:
+def _labelled_word_ids(backend: str, kept: list[tuple], line_numbers: np.ndarray, run: str,
+                       vocab: "Vocabulary") -> tuple[np.ndarray, np.ndarray]:
     """(tokens a row [n], the rows' vocabulary ids end to end) of the `word` tokens of the
     bodies in `kept`, by `_encode_word_chunk` (so a token new to this worker is looked up in the
     vocabulary once) and a map from the worker's numbering to the vocabulary's ids."""
@@ -830,7 +832,7 @@ def _labelled_word_ids(backend: str, kept: list[tuple], line_numbers: np.ndarray
         backend, [(line_no, body) for line_no, body, _ in kept], numbering)
     known = numbering.vocabulary_ids
     numbering.vocabulary_ids = np.concatenate(
-        [known, _chunk_vocabulary.ids_of(_numbered_since(numbering.ids, len(known)))])
+        [known, vocab.ids_of(_numbered_since(numbering.ids, len(known)))])
     lengths = np.zeros(len(kept), np.int64)  # a row whose body is blank keeps [CLS] alone
     lengths[np.searchsorted(line_numbers, body_lines)] = body_lengths
     return lengths, numbering.vocabulary_ids[numbers]
@@ -852,17 +854,17 @@ def encoded_labelled_chunks(path: str, vocab: "Vocabulary", sequence_length: int
     try:
         for num_lines, (line_numbers, ids, labels, skipped) in _map_chunks_in_order(
                 _read_raw_chunks(path, RAW_CHUNK_BYTES), job,
-                resolve_process_num(process_num, tokenize_style), work=_encode_labelled_chunk,
-                count=lambda chunk: len(chunk[1]), initializer=_use_vocabulary,
-                initargs=(vocab,)):
+                resolve_process_num(process_num, tokenize_style),
+                work=functools.partial(_encode_labelled_chunk, vocab=vocab),
+                remote=_encode_labelled_chunk, count=lambda chunk: len(chunk[1]),
+                initializer=_use_vocabulary, initargs=(vocab,)):
             progress.advance(num_lines)
             for line_no in skipped:
                 skips.add(line_no)
             parsed += len(line_numbers)
             yield line_numbers, ids, labels
-    finally:  # this process's, when it encoded without a pool
-        _use_vocabulary(None)
-        _forget_numbering()
+    finally:
+        _forget_numbering()  # this process's, when it encoded without a pool
     progress.done()
     skips.finish(parsed)
 
@@ -1032,13 +1034,20 @@ def build_vocabulary(paths: list[str], tokenize_style: str, vocab_size: int,
     or on the number of processes.
     """
     _check_vocab_size(vocab_size)
-    provisional, counts = _first_sight_numbering(), np.zeros(0, np.int64)
+    provisional, counts, pending = _first_sight_numbering(), np.zeros(0, np.int64), []
+
+    def count_pending() -> np.ndarray:  # a bincount per HELD_IDS ids, not per chunk
+        block = np.bincount(np.concatenate(pending), minlength=len(provisional))
+        pending.clear()
+        return np.pad(counts, (0, len(block) - len(counts))) + block
+
     for path in paths:
         for _, _, ids in _encoded_blocks(path, tokenize_style, encoding, process_num,
                                          lambda new: _number_tokens(provisional, new), labelled):
-            block = np.bincount(ids, minlength=len(counts))
-            counts = np.pad(counts, (0, len(block) - len(counts))) + block
-    counts = np.pad(counts, (0, len(provisional) - len(counts)))  # tokens that became none
+            pending.append(ids)
+            if sum(map(len, pending)) >= HELD_IDS:
+                counts = count_pending()
+    counts = count_pending()
     return _vocabulary_by_rank(list(provisional), counts, vocab_size, paths)[0]
 
 
@@ -1052,13 +1061,14 @@ def vocabulary_from_counts(counts: dict[str, int], vocab_size: int,
                            paths: list[str]) -> Vocabulary:
     """The special tokens, then the `vocab_size` - 5 most frequent tokens (ties by string)."""
     return _vocabulary_by_rank(list(counts), np.fromiter(counts.values(), np.int64, len(counts)),
-                               vocab_size, paths)[0]
+                               vocab_size, paths, check=True)[0]
 
 
 def _vocabulary_by_rank(tokens: list[str], counts: np.ndarray, vocab_size: int,
-                        paths: list[str]) -> tuple[Vocabulary, np.ndarray]:
+                        paths: list[str], check: bool = False) -> tuple[Vocabulary, np.ndarray]:
     """`vocabulary_from_counts` for tokens[i] seen counts[i] times, and the id there of each of
-    `tokens` (int32; [UNK] for those left out): what `Vocabulary.ids_of(tokens)` gives."""
+    `tokens` (int32; [UNK] for those left out): what `Vocabulary.ids_of(tokens)` gives. `check`:
+    validate the tokens (tokenize's are whitespace-free and distinct by construction)."""
     specials = []
     if not _SPECIAL_SET.isdisjoint(tokens):  # literal "[MASK]" in the text: never ranked
         specials = [i for i, token in enumerate(tokens) if token in _SPECIAL_SET]
@@ -1080,7 +1090,7 @@ def _vocabulary_by_rank(tokens: list[str], counts: np.ndarray, vocab_size: int,
     ids = np.full(len(tokens), UNK_ID, np.int32)
     ids[ranked] = np.arange(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(ranked))
     ids[specials] = [SPECIAL_TOKENS.index(tokens[i]) for i in specials]
-    return Vocabulary(SPECIAL_TOKENS + kept, check=False), ids
+    return Vocabulary(SPECIAL_TOKENS + kept, check=check), ids
 
 
 # ----------------------------------------------------------------------------- labels
@@ -1410,9 +1420,10 @@ def load_or_build_corpus(path: str, tokenize_style: str, vocab_size: int, cache_
     return vocab, cache
 
 
-# A one-pass build keeps up to this many provisional ids (16 MiB) in memory, which spares a
-# small corpus the scratch file's write and read; a larger one goes to the scratch file, so
-# memory stays flat whatever the corpus size.
+# A one-pass build keeps up to this many provisional ids (16 MiB, and 16 bytes a line beside
+# them) in memory, which spares a small corpus the scratch file's write and read; a larger one
+# goes to the scratch file, so memory stays flat whatever the corpus size. Counting a
+# vocabulary holds as many ids before a bincount.
 HELD_IDS = 1 << 22
 
 

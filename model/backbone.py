@@ -72,8 +72,8 @@ def build_backbone(config: ModelConfig, first_position_only: bool = False) -> ke
             last = i == config.num_layer - 1
             x = TransformerBlock(config.d_model, config.num_header, config.d_k, config.d_v,
                                  config.d_ff, config.dropout, config.initializer_range,
-                                 name=f"transformer_layer_{i}")(
-                x, inputs["padding_mask"], first_only=first_position_only and last)
+                                 first_only=first_position_only and last,
+                                 name=f"transformer_layer_{i}")(x, inputs["padding_mask"])
         pooler = Pooler(config.d_model, "cls", config.pooled_tanh, config.initializer_range,
                         name="pooler")
     else:

@@ -161,7 +161,7 @@ class SelfAttention(keras.layers.Layer):
         return self.output_dense(ops.reshape(context, (batch, length, self.num_header * self.d_v)))
 
     def compute_output_shape(self, x_shape, padding_mask_shape=None):
-        return x_shape  # the length is symbolic (None), first_only or not
+        return x_shape
 
     def get_config(self) -> dict:
         return {**super().get_config(), "d_model": self.d_model, "num_header": self.num_header,
@@ -173,15 +173,17 @@ class SelfAttention(keras.layers.Layer):
 class TransformerBlock(keras.layers.Layer):
     """Post-LN encoder block (as BERT): self-attention with the padding mask, then a GELU
     feed-forward; residual + LayerNorm after each. Per-head key size d_k and value size d_v, as
-    the original's flags. Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`; with
-    `first_only`, the first position's new state alone -> `[B,1,d]` (what a [CLS] pooler reads
-    from the last block, for a fraction of the block's work)."""
+    the original's flags. Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`; a block made
+    with `first_only` gives the first position's new state alone, `[B,1,d]` (what a [CLS]
+    pooler reads from the last block, for a fraction of the block's work; same weights)."""
 
     def __init__(self, d_model: int, num_header: int, d_k: int, d_v: int, d_ff: int,
-                 dropout: float = 0.1, initializer_range: float = 0.02, **kwargs):
+                 dropout: float = 0.1, initializer_range: float = 0.02, first_only: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.d_model, self.num_header, self.d_k, self.d_v = d_model, num_header, d_k, d_v
         self.d_ff, self.dropout, self.initializer_range = d_ff, dropout, initializer_range
+        self.first_only = first_only
         init = initializer(initializer_range)
         self.attention = SelfAttention(d_model, num_header, d_k, d_v, dropout, initializer_range,
                                        name="self_attention")
@@ -202,20 +204,20 @@ class TransformerBlock(keras.layers.Layer):
         self.output_norm.build(shape)
         self.built = True
 
-    def call(self, x, padding_mask, training=None, first_only=False):
-        attended = self.attention(x, padding_mask, training=training, first_only=first_only)
-        x = x[:, :1] if first_only else x
+    def call(self, x, padding_mask, training=None):
+        attended = self.attention(x, padding_mask, training=training, first_only=self.first_only)
+        x = x[:, :1] if self.first_only else x
         x = self.attention_norm(x + self.dropout_layer(attended, training=training))
         hidden = self.output_dense(self.intermediate(x))
         return self.output_norm(x + self.dropout_layer(hidden, training=training))
 
     def compute_output_shape(self, x_shape, padding_mask_shape=None):
-        return x_shape  # the length is symbolic (None), first_only or not
+        return (x_shape[0], 1, x_shape[2]) if self.first_only else x_shape
 
     def get_config(self) -> dict:
         return {**super().get_config(), "d_model": self.d_model, "num_header": self.num_header,
                 "d_k": self.d_k, "d_v": self.d_v, "d_ff": self.d_ff, "dropout": self.dropout,
-                "initializer_range": self.initializer_range}
+                "initializer_range": self.initializer_range, "first_only": self.first_only}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

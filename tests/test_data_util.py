@@ -320,6 +320,40 @@ def test_labelled_examples_encoded_in_the_workers_are_encode_example(
     assert f"{path}:5: no __label__" in capsys.readouterr().err
 
 
+def test_two_labelled_encodings_at_once_keep_their_own_vocabularies(tmp_path, monkeypatch):
+    """Without a pool the vocabulary travels with the call, not in a module global."""
+    monkeypatch.setattr(data_util, "RAW_CHUNK_BYTES", 40)  # a few lines a chunk
+    path = write(tmp_path / "t.txt", "".join(f"甲 乙{i} __label__a\n" for i in range(9)))
+    small = data_util.build_vocabulary([path], "space", 7, labelled=True, process_num=1)
+    large = data_util.build_vocabulary([path], "space", 50, labelled=True, process_num=1)
+
+    def rows(vocab, chunks):
+        return np.concatenate([ids for _, ids, _ in chunks]).tolist()
+
+    alone = rows(small, data_util.encoded_labelled_chunks(path, small, 4, "space", process_num=1))
+    first = data_util.encoded_labelled_chunks(path, small, 4, "space", process_num=1)
+    head = next(first)
+    other = rows(large, data_util.encoded_labelled_chunks(path, large, 4, "space", process_num=1))
+    assert rows(small, [head, *first]) == alone and other != alone
+
+
+def test_a_pool_loads_the_segmenter_it_will_use(tmp_path, monkeypatch):
+    """The parent loads the dictionary of WORD_BACKEND's segmenter before it forks."""
+    monkeypatch.setattr(data_util, "_word_backend", "jieba")
+    monkeypatch.setattr(data_util, "RAW_CHUNK_BYTES", 200)
+    loaded, real = [], data_util.segmenter
+    monkeypatch.setattr(data_util, "segmenter", lambda backend: loaded.append(backend) or
+                        real(backend))
+    path = write(tmp_path / "c.txt", "我们 今天 去 北京 __label__a\n" * 40)
+    data_util.build_vocabulary([path], "word", 20, labelled=True, process_num=2)
+    assert loaded and set(loaded) == {"jieba"}
+
+
+def test_vocabulary_from_counts_checks_the_tokens_it_is_given():
+    with pytest.raises(data_util.DataError, match="empty token or token with whitespace"):
+        data_util.vocabulary_from_counts({"北京": 3, "a b": 2}, 10, ["counts"])
+
+
 def test_a_narrower_read_equals_a_cache_built_at_that_length(task):
     files, vocab, labels, cache_dir = task
 

@@ -249,6 +249,10 @@ LAYER_CASES = {
     "transformer_layer": (lambda: model.TransformerBlock(32, 4, 8, 8, 64, 0.1, 0.02,
                                                          name="transformer_layer_0"),
                           lambda: (_sequence(), _padding())),
+    "transformer_layer_first_only": (
+        lambda: model.TransformerBlock(32, 4, 8, 8, 64, 0.1, 0.02, first_only=True,
+                                       name="transformer_layer_1"),
+        lambda: (_sequence(), _padding())),
     "textcnn": (lambda: model.TextCNNEncoder(32, (2, 3), 16, 0.1, 0.02, name="textcnn"),
                 lambda: (_sequence(), _padding())),
     "pooler_max_mean": (lambda: model.Pooler(32, "max_mean", False, 0.02, name="pooler"),
@@ -374,6 +378,9 @@ def test_a_classifier_whose_last_block_computes_cls_alone_scores_the_same(backbo
     assert rows == (1 if backbone == "transformer" else 11)
     again = keras.Model.from_config(fast_backbone.get_config())
     assert again(x)["sequence_output"].shape[1] == rows
+    fixed = keras.Input(shape=(11, 32))  # a known length is declared as what the block gives
+    assert fast_backbone.get_layer("textcnn" if backbone == "textcnn" else "transformer_layer_1")(
+        fixed, keras.Input(shape=(11,), dtype="int32")).shape[1] == rows
 
 
 def write_config(config, path) -> None:
