@@ -1037,7 +1037,8 @@ def build_vocabulary(paths: list[str], tokenize_style: str, vocab_size: int,
     provisional, counts, pending = _first_sight_numbering(), np.zeros(0, np.int64), []
 
     def count_pending() -> np.ndarray:  # a bincount per HELD_IDS ids, not per chunk
-        block = np.bincount(np.concatenate(pending), minlength=len(provisional))
+        block = np.bincount(np.concatenate([np.zeros(0, np.int32), *pending]),
+                            minlength=len(provisional))
         pending.clear()
         return np.pad(counts, (0, len(block) - len(counts))) + block
 

@@ -349,6 +349,14 @@ def test_a_pool_loads_the_segmenter_it_will_use(tmp_path, monkeypatch):
     assert loaded and set(loaded) == {"jieba"}
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n\n"])
+@pytest.mark.parametrize("process_num", [1, 2])
+def test_a_vocabulary_of_no_text_is_a_one_line_error(tmp_path, text, process_num):
+    path = write(tmp_path / "c.txt", text)
+    with pytest.raises(data_util.DataError, match=r"c\.txt: no tokens found"):
+        data_util.build_vocabulary([path], "word", 10, process_num=process_num)
+
+
 def test_vocabulary_from_counts_checks_the_tokens_it_is_given():
     with pytest.raises(data_util.DataError, match="empty token or token with whitespace"):
         data_util.vocabulary_from_counts({"北京": 3, "a b": 2}, 10, ["counts"])
