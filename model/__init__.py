@@ -11,9 +11,9 @@ from .layers import (AttentionDropout, Embeddings, Pooler, SelfAttention, TextCN
                      TransformerBlock)
 from .tasks import (MaskedLMAccuracy, PretrainingModel, build_bag_of_words_classifier,
                     build_classifier, build_pretraining_model, build_scoring_classifier,
-                    compile_classifier,
-                    compile_pretraining_model, masked_lm_loss, multilabel_loss, predict_logits,
-                    prefetched, set_document_frequencies, set_label_priors)
+                    compile_classifier, compile_pretraining_model, masked_lm_loss,
+                    multilabel_loss, predict_logits, prefetched, set_document_frequencies,
+                    set_label_priors)
 from .multilabel import (decision_thresholds, f1_scores, mean_loss, per_label_report,
                          predict_labels, predict_probabilities, sigmoid, split_scores,
                          tune_thresholds)
