@@ -52,8 +52,9 @@ flags.DEFINE_boolean("export_jit_compile", False, "With --export_dir: compile th
                      "network with XLA. Batch-1 latency at 200 tokens on a 2-core AVX-512 CPU: "
                      "Transformer small 7.4 ms against 10.2, TextCNN small 2.2 against 2.6 "
                      "(batch 64: the Transformer 0.97x). The first request of each new (batch "
-                     "size, length rounded up to 8 tokens) compiles a program, about 1 s on a "
-                     "CPU, so warm the server up with the shapes it will see.")
+                     "size rounded up to a power of two, length rounded up to 8 tokens) compiles "
+                     "a program, about 1 s on a CPU, so warm the server up with the shapes it "
+                     "will see.")
 
 
 class Predictor:

@@ -74,19 +74,39 @@ def encode(tokens: tf.RaggedTensor, table: tf.lookup.StaticHashTable,
     return ids.to_tensor(default_value=data_util.PAD_ID, shape=[None, sequence_length])
 
 
+# An XLA export pads a batch to the next of these sizes (larger ones run as they come), so a
+# server compiles one program per (size, width) pair, not one per batch size it is sent.
+XLA_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
 def probabilities_function(classifier: keras.Model, jit_compile: bool = False
                            ) -> Callable[[tf.Tensor], tf.Tensor]:
     """token ids [batch, length] -> float32 probabilities [batch, labels]. With `jit_compile`
-    the network runs as one XLA program, compiled on the first call of each (batch, width)."""
+    the network runs as one XLA program, compiled on the first call of each (batch size rounded
+    up to XLA_BATCH_SIZES, width rounded up to model.WIDTH_MULTIPLE)."""
     def network(token_ids):
         logits = classifier(model.backbone_features(token_ids), training=False)
         # model.sigmoid's own formula (clipped), so the numbers are predict.py's to float32
         # rounding
         return 1.0 / (1.0 + tf.exp(-tf.clip_by_value(logits, -60.0, 60.0)))
 
-    compiled = tf.function(network, jit_compile=True) if jit_compile else network
-    # cut outside the XLA program: a width read from the data is not a compile-time shape
-    return lambda token_ids: compiled(model.trim_padding(token_ids))
+    if not jit_compile:
+        return lambda token_ids: network(model.trim_padding(token_ids))
+    compiled = tf.function(network, jit_compile=True)
+    sizes = tf.constant(XLA_BATCH_SIZES, tf.int32)
+
+    def score(token_ids):
+        # cut and padded outside the XLA program: shapes read from the data are not
+        # compile-time shapes. Rows of [PAD] alone are scored apart from the others (every
+        # operation is per row) and dropped.
+        token_ids = model.trim_padding(token_ids)
+        rows = tf.shape(token_ids)[0]
+        bucket = tf.maximum(rows, sizes[tf.minimum(tf.searchsorted(sizes, [rows])[0],
+                                                   len(XLA_BATCH_SIZES) - 1)])
+        return compiled(tf.pad(token_ids, [[0, bucket - rows], [0, 0]]))[:rows]
+
+    score.compiled = compiled  # its tracing count is the number of programs
+    return score
 
 
 def choose(probabilities: tf.Tensor, thresholds: np.ndarray) -> tf.Tensor:

@@ -224,6 +224,23 @@ def test_an_xla_compiled_export_gives_predict_py_answers(backbone, tmp_path):
         assert_same(served(loaded, "serving_default", text=sent), expected(predictor, read))
 
 
+def test_an_xla_export_compiles_one_program_per_batch_bucket():
+    """Batches of 3 and 4 rows (same width) share the 4-row program; 5 rows take the 8-row one;
+    the padding rows change no real row."""
+    config = model.ModelConfig(backbone="transformer", vocab_size=40, d_model=32, num_layer=2,
+                               num_header=4, d_k=8, d_v=8, d_ff=64, max_position=64)
+    score = serving.probabilities_function(model.build_scoring_classifier(config, 3, 0.1), True)
+    ids = np.random.default_rng(0).integers(5, 40, (5, 16)).astype(np.int32)
+    ids[:, 0] = data_util.CLS_ID
+    alone = [score(tf.constant(ids[i:i + 1])).numpy()[0] for i in range(5)]
+    programs = score.compiled.experimental_get_tracing_count()
+    for rows, more in ((3, 1), (4, 0), (5, 1)):
+        np.testing.assert_allclose(score(tf.constant(ids[:rows])).numpy(), alone[:rows],
+                                   atol=1e-5)
+        assert score.compiled.experimental_get_tracing_count() == programs + more
+        programs += more
+
+
 def test_the_cases_exercise_the_decision_rule(exported):
     """Some row gets several labels and, where the run has thresholds, some row gets its label
     only as the one nearest its threshold; else the parity above would not cover the rule.
