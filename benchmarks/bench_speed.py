@@ -232,23 +232,39 @@ def exported_latency(backbone: str, workdir: str, rounds: int = 5) -> dict:
     decision rule included), at the full fine-tuning length; plain export and
     `--export_jit_compile` (XLA) side by side, and for the Transformer keras-hub's classifier of
     the same shape as the reference (its forward pass compiled with XLA, not exported)."""
-    import data_util_hdf5 as data_util
-    import serving
     config = model.config_from_preset("small", backbone=backbone, vocab_size=VOCAB)
     classifier = model.build_scoring_classifier(config, LABELS, 0.1)  # as predict.py builds it
-    vocab = data_util.Vocabulary(data_util.SPECIAL_TOKENS
-                                 + [f"w{i}" for i in range(VOCAB - len(data_util.SPECIAL_TOKENS))])
-    serve = {}
-    for name, jit_compile in (("plain", False), ("xla", True)):
-        export_dir = os.path.join(workdir, f"export_{backbone}_{name}")
-        serving.export_classifier(classifier, export_dir, vocab,
-                                  [f"l{i}" for i in range(LABELS)], "space", LENGTH,
-                                  jit_compile=jit_compile)
-        # the default argument keeps the loaded object, whose life its variables share
-        serve[name] = lambda ids, saved=tf.saved_model.load(export_dir): \
-            saved.serve_token_ids(ids)["probabilities"]
+    serve = {name: exported_scorer(classifier, os.path.join(workdir, f"export_{backbone}_{name}"),
+                                   jit_compile)
+             for name, jit_compile in (("plain", False), ("xla", True))}
     if backbone == "transformer":
         serve["keras_hub_xla"] = keras_hub_forward()
+    figures, single = time_scorers(serve, rounds)
+    if "keras_hub_xla" in figures:
+        figures["xla"]["vs_keras_hub_xla"] = median_ratio(
+            [1 / t for t in single["xla"]], [1 / t for t in single["keras_hub_xla"]])
+    return {**figures.pop("plain"), **figures}  # the report's layout: plain, then the others
+
+
+def exported_scorer(classifier: keras.Model, export_dir: str,
+                    jit_compile: bool) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`classifier` exported as predict.py exports it (a synthetic vocabulary of VOCAB words,
+    LABELS labels, length LENGTH) and loaded back: token ids -> probabilities."""
+    import data_util_hdf5 as data_util
+    import serving
+    vocab = data_util.Vocabulary(data_util.SPECIAL_TOKENS
+                                 + [f"w{i}" for i in range(VOCAB - len(data_util.SPECIAL_TOKENS))])
+    serving.export_classifier(classifier, export_dir, vocab, [f"l{i}" for i in range(LABELS)],
+                              "space", LENGTH, jit_compile=jit_compile)
+    # the default argument keeps the loaded object, whose life its variables share
+    return lambda ids, saved=tf.saved_model.load(export_dir): \
+        saved.serve_token_ids(ids)["probabilities"]
+
+
+def time_scorers(serve: dict, rounds: int) -> tuple[dict, dict]:
+    """Each scorer's batch-1 latency (median of 40 calls a round; median and best round, ms)
+    and batch-64 rate (docs/s), the scorers taking turns `rounds` times; and the rounds'
+    batch-1 seconds."""
     one = tf.constant(synthetic_batch()["token_ids"][:1])
     many = tf.constant(synthetic_batch()["token_ids"])
     single, batched = {name: [] for name in serve}, {name: [] for name in serve}
@@ -265,10 +281,7 @@ def exported_latency(backbone: str, workdir: str, rounds: int = 5) -> dict:
                       "batch1_best_ms": 1000 * min(single[name]),
                       "batch64_docs_s": BATCH / float(np.median(batched[name]))}
                for name in serve}
-    if "keras_hub_xla" in figures:
-        figures["xla"]["vs_keras_hub_xla"] = median_ratio(
-            [1 / t for t in single["xla"]], [1 / t for t in single["keras_hub_xla"]])
-    return {**figures.pop("plain"), **figures}  # the report's layout: plain, then the others
+    return figures, single
 
 
 def keras_hub_forward() -> Callable[[tf.Tensor], tf.Tensor]:
