@@ -766,20 +766,32 @@ def _encoded_chunks(path: str, tokenize_style: str, encoding: str, process_num: 
     """`_encode_chunk`'s first six results for every chunk of a file, in file order, with a
     progress line; label-less lines of a `labelled` file are reported as `iter_tokenized_lines`
     reports them, and a labelled file without any label raises DataError."""
+    return _worked_raw_chunks(path, tokenize_style, encoding, process_num, labelled, (labelled,),
+                              work=_encode_chunk)
+
+
+def _worked_raw_chunks(path: str, tokenize_style: str, encoding: str, process_num: int | None,
+                       labelled: bool, job_tail: tuple, **mapping) -> Iterator[tuple]:
+    """`work(tokenize_style, path, encoding, run, backend, *job_tail, chunk)` for every chunk of
+    `_read_raw_chunks`, in file order, by `process_num` processes (`mapping`: the other
+    arguments of `_map_chunks_in_order`), with a progress line. Each result ends in (numbers of
+    the lines without a label, how many lines had one): a `labelled` file's are reported as
+    `iter_tokenized_lines` reports them (no label at all raises DataError), and the rest of each
+    result is yielded."""
     _check_style(tokenize_style)
     check_encoding(encoding)
-    job = (tokenize_style, path, encoding, os.urandom(8).hex(), word_backend(), labelled)
+    job = (tokenize_style, path, encoding, os.urandom(8).hex(), word_backend(), *job_tail)
     progress, skips, parsed = _Progress(path), _SkipReport(path), 0
     try:
-        for num_lines, encoded in _map_chunks_in_order(
+        for num_lines, (*result, skipped, kept) in _map_chunks_in_order(
                 _read_raw_chunks(path, RAW_CHUNK_BYTES), job,
-                resolve_process_num(process_num, tokenize_style), work=_encode_chunk,
-                count=lambda chunk: len(chunk[1])):
+                resolve_process_num(process_num, tokenize_style),
+                count=lambda chunk: len(chunk[1]), **mapping):
             progress.advance(num_lines)
-            for line_no in encoded[6]:
+            for line_no in skipped:
                 skips.add(line_no)
-            parsed += encoded[7]
-            yield encoded[:6]
+            parsed += kept
+            yield tuple(result)
     finally:
         _forget_numbering()  # this process's, when it tokenized without a pool
     progress.done()
@@ -801,8 +813,8 @@ def _encode_labelled_chunk(style: str, path: str, encoding: str, run: str, backe
     """A labelled chunk of `_read_raw_chunks` decoded, tokenized and encoded where it is
     tokenized, with `vocab` (in a pool worker, the one `_use_vocabulary` installed): (line
     numbers int64 [n], ids int32 [n, sequence_length] as `encode_example` gives them, the labels
-    of each row, the numbers of the lines without a label). Only arrays and labels cross back to
-    the parent."""
+    of each row, the numbers of the lines without a label, n). Only arrays and labels cross
+    back to the parent."""
     vocab = _chunk_vocabulary if vocab is None else vocab
     kept, skipped = _labelled_bodies(_decode_chunk(path, encoding, *chunk))
     line_numbers = np.fromiter((line_no for line_no, _, _ in kept), np.int64, len(kept))
@@ -819,7 +831,7 @@ def _encode_labelled_chunk(style: str, path: str, encoding: str, run: str, backe
     matrix = np.full((len(kept), sequence_length), PAD_ID, np.int32)
     matrix[:, 0] = CLS_ID
     matrix[:, 1:][np.arange(sequence_length - 1) < take[:, None]] = ids[first + within]
-    return line_numbers, matrix, [labels for _, _, labels in kept], skipped
+    return line_numbers, matrix, [labels for _, _, labels in kept], skipped, len(kept)
 
 
 def _labelled_word_ids(backend: str, kept: list[tuple], line_numbers: np.ndarray, run: str,
@@ -846,27 +858,11 @@ def encoded_labelled_chunks(path: str, vocab: "Vocabulary", sequence_length: int
     `process_num` processes that tokenize and encode (see resolve_process_num). Blank lines are
     skipped silently, label-less ones with a warning; a file in which no line has a label
     raises DataError."""
-    _check_style(tokenize_style)
-    check_encoding(encoding)
     check_minimum_sequence_length(sequence_length)
-    job = (tokenize_style, path, encoding, os.urandom(8).hex(), word_backend(), sequence_length)
-    progress, skips, parsed = _Progress(path), _SkipReport(path), 0
-    try:
-        for num_lines, (line_numbers, ids, labels, skipped) in _map_chunks_in_order(
-                _read_raw_chunks(path, RAW_CHUNK_BYTES), job,
-                resolve_process_num(process_num, tokenize_style),
-                work=functools.partial(_encode_labelled_chunk, vocab=vocab),
-                remote=_encode_labelled_chunk, count=lambda chunk: len(chunk[1]),
-                initializer=_use_vocabulary, initargs=(vocab,)):
-            progress.advance(num_lines)
-            for line_no in skipped:
-                skips.add(line_no)
-            parsed += len(line_numbers)
-            yield line_numbers, ids, labels
-    finally:
-        _forget_numbering()  # this process's, when it encoded without a pool
-    progress.done()
-    skips.finish(parsed)
+    yield from _worked_raw_chunks(
+        path, tokenize_style, encoding, process_num, True, (sequence_length,),
+        work=functools.partial(_encode_labelled_chunk, vocab=vocab),
+        remote=_encode_labelled_chunk, initializer=_use_vocabulary, initargs=(vocab,))
 
 
 class _Progress:
