@@ -47,6 +47,7 @@ class ClassifierSettings:
     bag_of_words: bool = True
     bag_of_words_learning_rate: float | None = None
     jit_compile: bool = False
+    weight_averaging: float = 0.0
     early_stopping_patience: int = 3
     decision_rule: str = "tuned"
     seed: int = 42
@@ -177,15 +178,24 @@ def default_warmup_steps(epochs: int, steps_per_epoch: int) -> int:
     return min(epochs * steps_per_epoch // 10, steps_per_epoch)
 
 
-def make_optimizer(settings: ClassifierSettings, epochs: int,
-                   steps_per_epoch: int) -> train_util.DiscriminativeAdamW:
+def averaging_momentum(epochs: float, steps_per_epoch: int) -> float | None:
+    """The moving average's momentum that weighs about `epochs` epochs of steps (None: 0)."""
+    if epochs <= 0:
+        return None
+    return 1.0 - 1.0 / max(epochs * steps_per_epoch, 1.0)
+
+
+def make_optimizer(settings: ClassifierSettings, epochs: int, steps_per_epoch: int,
+                   average: bool = False) -> train_util.DiscriminativeAdamW:
     """The settings' AdamW on the classifier's schedule: warm-up (`default_warmup_steps` unless
-    the settings give one), then decay to 0 at the last of `epochs` x `steps_per_epoch` steps."""
+    the settings give one), then decay to 0 at the last of `epochs` x `steps_per_epoch` steps.
+    `average`: keep the moving average of the weights the settings ask for."""
     warmup = settings.warmup_steps if settings.warmup_steps is not None \
         else default_warmup_steps(epochs, steps_per_epoch)
+    momentum = averaging_momentum(settings.weight_averaging, steps_per_epoch) if average else None
     return train_util.make_optimizer(settings.learning_rate, epochs * steps_per_epoch, warmup,
                                      settings.decay_steps, settings.decay_rate,
-                                     settings.weight_decay)
+                                     settings.weight_decay, average_momentum=momentum)
 
 
 def learn_bag_of_words_by_sgd(classifier: keras.Model, optimizer: train_util.DiscriminativeAdamW,
@@ -215,7 +225,7 @@ def build_and_compile(backbone: keras.Model, train_ids: np.ndarray, train_labels
     classifier = model.build_classifier(backbone, train_labels.shape[1], settings.dropout,
                                         settings.bag_of_words)
     model.set_label_priors(classifier, train_labels.mean(axis=0))
-    optimizer = make_optimizer(settings, epochs, steps_per_epoch)
+    optimizer = make_optimizer(settings, epochs, steps_per_epoch, average=True)
     if backbone_lr_scale is not None and not freeze_backbone:
         optimizer.scale_learning_rate(backbone.trainable_variables, backbone_lr_scale)
     if settings.bag_of_words:
@@ -298,11 +308,14 @@ def train(classifier: keras.Model, data: ClassificationData, run: run_directory.
         run, "val_f1", "max",
         lambda: run.save_weights(classifier, run_directory.CLASSIFIER_WEIGHTS),
         settings.early_stopping_patience, best_state)
-    callbacks = [train_util.ValidationScores(valid_ids, valid_gold, data.batch_size,
-                                             tune=settings.decision_rule == "tuned")]
+    # with averaging, the epoch is scored and kept with the averaged weights, and backed up
+    # with the weights that go on learning
+    swap = [train_util.SwapAveragedWeights()] if classifier.optimizer.use_ema else []
+    callbacks = swap + [train_util.ValidationScores(valid_ids, valid_gold, data.batch_size,
+                                                    tune=settings.decision_rule == "tuned")]
     if frozen_epochs:
         callbacks.append(train_util.SetBackboneScale(classifier.optimizer, frozen_epochs))
-    callbacks += [best, keras.callbacks.TensorBoard(run.file(run_directory.LOGS)),
+    callbacks += [best, keras.callbacks.TensorBoard(run.file(run_directory.LOGS)), *swap,
                   run_directory.EpochBackup(run, best)]
     if not ended:
         classifier.fit(data.training_dataset(settings.seed), epochs=epochs,

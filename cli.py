@@ -338,6 +338,10 @@ def define_classifier_flags(default_ckpt_dir: str, learning_rate_help: str) -> N
                        "many-label sample task: 20 or 40, by seed) than short texts (the "
                        "reviews: 10).",
                        lower_bound=0.0)
+    flags.DEFINE_float("weight_averaging", 0.0, "Score, keep and predict with a moving average "
+                       "of the weights (Polyak averaging: the optimizer's exponential moving "
+                       "average, swapped in for each epoch's validation) over about this many "
+                       "epochs of steps; 0 uses the weights as they are.", lower_bound=0.0)
     flags.DEFINE_integer("early_stopping_patience", 3, "Stop when validation F1 has not improved "
                          "for this many epochs (the best epoch's weights are kept, as always); "
                          "0 runs every --num_epochs.", lower_bound=0)
@@ -368,7 +372,8 @@ def classifier_settings(cache: str | None = None) -> classifier_task.ClassifierS
         decay_rate=FLAGS.decay_rate, weight_decay=FLAGS.weight_decay,
         bag_of_words=FLAGS.bag_of_words,
         bag_of_words_learning_rate=FLAGS.bag_of_words_learning_rate,
-        jit_compile=FLAGS.jit_compile, early_stopping_patience=FLAGS.early_stopping_patience,
+        jit_compile=FLAGS.jit_compile, weight_averaging=FLAGS.weight_averaging,
+        early_stopping_patience=FLAGS.early_stopping_patience,
         decision_rule=FLAGS.decision_rule, seed=FLAGS.seed, encoding=FLAGS.encoding,
         cache_dir=cache or FLAGS.cache_dir, process_num=FLAGS.process_num)
 

@@ -205,10 +205,15 @@ class DiscriminativeAdamW(keras.optimizers.AdamW):
 
 def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int = 0,
                    decay_steps: int | None = None, decay_rate: float = 0.95,
-                   weight_decay: float = 0.0, clip_norm: float = 5.0) -> DiscriminativeAdamW:
-    """Adam(W) with warm-up + decay and global-norm clipping at 5, as the original."""
+                   weight_decay: float = 0.0, clip_norm: float = 5.0,
+                   average_momentum: float | None = None) -> DiscriminativeAdamW:
+    """Adam(W) with warm-up + decay and global-norm clipping at 5, as the original.
+    `average_momentum`: also keep an exponential moving average of the weights (Keras' EMA;
+    `SwapAveragedWeights` puts it in the model)."""
     schedule = WarmupDecay(learning_rate, total_steps, warmup_steps, decay_steps, decay_rate)
-    optimizer = DiscriminativeAdamW(schedule, weight_decay=weight_decay, global_clipnorm=clip_norm)
+    averaging = {"use_ema": True, "ema_momentum": average_momentum} if average_momentum else {}
+    optimizer = DiscriminativeAdamW(schedule, weight_decay=weight_decay, global_clipnorm=clip_norm,
+                                    **averaging)
     # LayerNorm scales and biases are not weights to shrink towards zero.
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "layer_norm"])
     return optimizer
@@ -237,6 +242,21 @@ class ValidationScores(keras.callbacks.Callback):
                       else None)
         scores = model.split_scores(self.gold, logits, thresholds)
         logs.update({f"val_{k}": v for k, v in scores.items()})
+
+
+class SwapAveragedWeights(keras.callbacks.Callback):
+    """At an epoch's end, swaps the model's trainable weights with the optimizer's moving
+    averages of them (an optimizer made with `average_momentum`). Listed twice, around the
+    callbacks that should see the averages (scoring, keeping the best epoch), it puts them in
+    and takes them out again before training goes on."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        optimizer = self.model.optimizer
+        for weight, average in zip(optimizer._trainable_variables,
+                                   optimizer._model_variables_moving_average):
+            current = weight.numpy()
+            weight.assign(average)
+            average.assign(current)
 
 
 class SetBackboneScale(keras.callbacks.Callback):

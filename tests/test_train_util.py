@@ -155,6 +155,55 @@ def test_bag_of_words_learns_by_sgd_with_momentum_and_the_rest_by_adam():
     assert np.abs(first).max() > 0
 
 
+def test_weight_averaging_scores_the_moving_average_and_trains_on_the_weights():
+    """Each epoch's end sees the exponential moving average of the weights after every step
+    (the first step's weights, then m * average + (1 - m) * weights); the steps themselves go
+    on from the weights as they were."""
+    import keras
+
+    import classifier_task
+
+    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
+    ids = np.random.default_rng(0).integers(5, 50, size=(32, 12)).astype(np.int32)
+    labels = np.random.default_rng(1).integers(0, 2, size=(32, 3)).astype(np.float32)
+    settings = classifier_task.ClassifierSettings(bag_of_words=False, weight_averaging=0.5)
+    keras.utils.set_random_seed(0)
+    classifier = classifier_task.build_and_compile(model.build_backbone(config), ids, labels,
+                                                   epochs=3, steps_per_epoch=4,
+                                                   settings=settings)
+    momentum = classifier_task.averaging_momentum(0.5, 4)
+    assert momentum == pytest.approx(0.5) and classifier.optimizer.use_ema
+    kernel = classifier.get_layer("classifier_head").weights[0]
+
+    class Record(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.steps, self.epoch_ends, self.next_starts = [], [], []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0 and self.epoch_ends:
+                self.next_starts.append(keras.ops.convert_to_numpy(kernel))
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps.append(keras.ops.convert_to_numpy(kernel))
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_ends.append(keras.ops.convert_to_numpy(kernel))
+
+    record = Record()
+    classifier.fit(model.backbone_features(ids), labels, batch_size=8, epochs=2, shuffle=False,
+                   verbose=0, callbacks=[train_util.SwapAveragedWeights(), record,
+                                         train_util.SwapAveragedWeights()])
+    average = record.steps[0]
+    for weights in record.steps[1:4]:
+        average = momentum * average + (1 - momentum) * weights
+    np.testing.assert_allclose(record.epoch_ends[0], average, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(record.next_starts[0], record.steps[3])
+    assert np.abs(record.epoch_ends[0] - record.steps[3]).max() > 1e-4
+    # and fit itself ends with the averages in the model (Keras' finalize_variable_values)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel), record.epoch_ends[-1])
+
+
 def test_summary_line_is_grep_able(capsys):
     line = train_util.summary_line("fine_tune", test_f1=0.83456, epochs=2, ckpt_dir="runs/ft")
     assert line == "fine_tune test_f1=0.8346 epochs=2 ckpt_dir=runs/ft"
