@@ -308,15 +308,13 @@ def train(classifier: keras.Model, data: ClassificationData, run: run_directory.
         run, "val_f1", "max",
         lambda: run.save_weights(classifier, run_directory.CLASSIFIER_WEIGHTS),
         settings.early_stopping_patience, best_state)
-    # with averaging, the epoch is scored and kept with the averaged weights, and backed up
-    # with the weights that go on learning
-    swap = [train_util.SwapAveragedWeights()] if classifier.optimizer.use_ema else []
-    callbacks = swap + [train_util.ValidationScores(valid_ids, valid_gold, data.batch_size,
-                                                    tune=settings.decision_rule == "tuned")]
+    scoring = [train_util.ValidationScores(valid_ids, valid_gold, data.batch_size,
+                                           tune=settings.decision_rule == "tuned")]
     if frozen_epochs:
-        callbacks.append(train_util.SetBackboneScale(classifier.optimizer, frozen_epochs))
-    callbacks += [best, keras.callbacks.TensorBoard(run.file(run_directory.LOGS)), *swap,
-                  run_directory.EpochBackup(run, best)]
+        scoring.append(train_util.SetBackboneScale(classifier.optimizer, frozen_epochs))
+    scoring += [best, keras.callbacks.TensorBoard(run.file(run_directory.LOGS))]
+    callbacks = train_util.scored_with_averages(classifier, scoring,
+                                                [run_directory.EpochBackup(run, best)])
     if not ended:
         classifier.fit(data.training_dataset(settings.seed), epochs=epochs,
                        initial_epoch=done, callbacks=callbacks, shuffle=False,

@@ -13,6 +13,7 @@ import cli  # first: it keeps TensorFlow's C++ start-up lines off the terminal
 
 import dataclasses
 
+import keras
 import numpy as np
 
 from absl import app, flags
@@ -88,10 +89,13 @@ def run_toy_task(strategy, preset: str, timer: train_util.Timer,
     with strategy.scope():
         classifier = classifier_task.build_and_compile(
             model.build_backbone(config), train_x, train_y, epochs, steps_per_epoch, settings)
+    # fit's own validation runs before the epoch-end callbacks: Keras' swap (at each test pass)
+    # scores the averaged weights, which fit leaves in the model at its end
+    averaging = [keras.callbacks.SwapEMAWeights()] if classifier.optimizer.use_ema else []
     classifier.fit(model.backbone_features(train_x), train_y,
                    batch_size=settings.batch_size, epochs=epochs,
                    validation_data=(model.backbone_features(test_x), test_y),
-                   verbose=train_util.fit_verbosity())
+                   callbacks=averaging, verbose=train_util.fit_verbosity())
     logits = model.predict_logits(classifier, test_x, settings.batch_size)
     accuracy = float(np.mean((logits[:, 0] > 0) == (test_y[:, 0] > 0.5)))
     train_util.summary_line("toy_task", backbone=FLAGS.backbone, accuracy=accuracy,

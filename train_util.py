@@ -246,17 +246,28 @@ class ValidationScores(keras.callbacks.Callback):
 
 class SwapAveragedWeights(keras.callbacks.Callback):
     """At an epoch's end, swaps the model's trainable weights with the optimizer's moving
-    averages of them (an optimizer made with `average_momentum`). Listed twice, around the
-    callbacks that should see the averages (scoring, keeping the best epoch), it puts them in
-    and takes them out again before training goes on."""
+    averages of them (an optimizer made with `average_momentum`); see `scored_with_averages`."""
 
     def on_epoch_end(self, epoch, logs=None):
         optimizer = self.model.optimizer
         for weight, average in zip(optimizer._trainable_variables,
                                    optimizer._model_variables_moving_average):
+            if average is None:  # Keras keeps no average of a weight it overwrites by gradient
+                continue
             current = weight.numpy()
             weight.assign(average)
             average.assign(current)
+
+
+def scored_with_averages(model: keras.Model, scoring: list, after: list) -> list:
+    """Epoch-end callbacks in order: `scoring` (validation, best epoch, logs), then `after` (the
+    backup). With an optimizer that averages the weights, `scoring` sees the averages and
+    `after` the weights that go on learning (so a resumed run continues them). A best-epoch
+    file written there holds the averages in the model and the weights in the optimizer's
+    average slots: load it to predict, not to go on training."""
+    if not model.optimizer.use_ema:
+        return [*scoring, *after]
+    return [SwapAveragedWeights(), *scoring, SwapAveragedWeights(), *after]
 
 
 class SetBackboneScale(keras.callbacks.Callback):

@@ -156,9 +156,10 @@ def test_bag_of_words_learns_by_sgd_with_momentum_and_the_rest_by_adam():
 
 
 def test_weight_averaging_scores_the_moving_average_and_trains_on_the_weights():
-    """Each epoch's end sees the exponential moving average of the weights after every step
-    (the first step's weights, then m * average + (1 - m) * weights); the steps themselves go
-    on from the weights as they were."""
+    """The callbacks that score an epoch (classifier_task.train's list, through
+    scored_with_averages) see the exponential moving average of the weights after every step
+    (the first step's weights, then m * average + (1 - m) * weights, carried across epochs);
+    the backup after them and the next epoch's steps see the weights themselves."""
     import keras
 
     import classifier_task
@@ -174,34 +175,44 @@ def test_weight_averaging_scores_the_moving_average_and_trains_on_the_weights():
     momentum = classifier_task.averaging_momentum(0.5, 4)
     assert momentum == pytest.approx(0.5) and classifier.optimizer.use_ema
     kernel = classifier.get_layer("classifier_head").weights[0]
+    steps, next_starts = [], []
 
-    class Record(keras.callbacks.Callback):
+    class Seen(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.steps, self.epoch_ends, self.next_starts = [], [], []
-
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch == 0 and self.epoch_ends:
-                self.next_starts.append(keras.ops.convert_to_numpy(kernel))
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.steps.append(keras.ops.convert_to_numpy(kernel))
+            self.epoch_ends = []
 
         def on_epoch_end(self, epoch, logs=None):
             self.epoch_ends.append(keras.ops.convert_to_numpy(kernel))
 
-    record = Record()
+    class Steps(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0 and steps:
+                next_starts.append(keras.ops.convert_to_numpy(kernel))
+
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append(keras.ops.convert_to_numpy(kernel))
+
+    scored, backed_up = Seen(), Seen()
+    callbacks = train_util.scored_with_averages(classifier, [Steps(), scored], [backed_up])
     classifier.fit(model.backbone_features(ids), labels, batch_size=8, epochs=2, shuffle=False,
-                   verbose=0, callbacks=[train_util.SwapAveragedWeights(), record,
-                                         train_util.SwapAveragedWeights()])
-    average = record.steps[0]
-    for weights in record.steps[1:4]:
-        average = momentum * average + (1 - momentum) * weights
-    np.testing.assert_allclose(record.epoch_ends[0], average, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(record.next_starts[0], record.steps[3])
-    assert np.abs(record.epoch_ends[0] - record.steps[3]).max() > 1e-4
-    # and fit itself ends with the averages in the model (Keras' finalize_variable_values)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel), record.epoch_ends[-1])
+                   verbose=0, callbacks=callbacks)
+    averages = [steps[0]]
+    for weights in steps[1:]:
+        averages.append(momentum * averages[-1] + (1 - momentum) * weights)
+    for epoch, last_step in enumerate((3, 7)):
+        np.testing.assert_allclose(scored.epoch_ends[epoch], averages[last_step], rtol=1e-5,
+                                   atol=1e-7)
+        np.testing.assert_allclose(backed_up.epoch_ends[epoch], steps[last_step])
+    np.testing.assert_allclose(next_starts[0], steps[3])
+    assert np.abs(scored.epoch_ends[0] - steps[3]).max() > 1e-4
+    # fit itself ends with the averages in the model (Keras' finalize_variable_values)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel), scored.epoch_ends[-1])
+    # without averaging the list is the callbacks as given
+    plain = classifier_task.build_and_compile(
+        model.build_backbone(config), ids, labels, epochs=3, steps_per_epoch=4,
+        settings=classifier_task.ClassifierSettings(bag_of_words=False))
+    assert train_util.scored_with_averages(plain, [scored], [backed_up]) == [scored, backed_up]
 
 
 def test_summary_line_is_grep_able(capsys):
