@@ -344,8 +344,9 @@ def define_classifier_flags(default_ckpt_dir: str, learning_rate_help: str) -> N
                        "epochs of steps; 0 uses the weights as they are. Off by default: 0.5 "
                        "lifted the pretrained Transformer on the 13,888 sample reviews by 0.018 "
                        "F1 (its validation F1 peaks at epoch 2 and swings) and the TextCNN there "
-                       "by 0.006, left the 15,189 entity paragraphs level, and on 1,000-line sets, "
-                       "learnt in two epochs, the average lags (-0.002 to -0.004; 3 seeds each, "
+                       "by 0.006, the TextCNN on the 15,189 entity paragraphs by 0.005 (their "
+                       "Transformer level), and on 1,000-line sets, learnt in two epochs, the "
+                       "average lags (-0.002 to -0.004; 3 seeds each, "
                        "benchmarks/results/weight_averaging_probe.md). Try 0.5 when an epoch has "
                        "hundreds of steps.", lower_bound=0.0)
     flags.DEFINE_integer("early_stopping_patience", 3, "Stop when validation F1 has not improved "
