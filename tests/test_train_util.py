@@ -6,6 +6,15 @@ import model
 import train_util
 
 
+def tiny_textcnn_task(rows: int) -> tuple:
+    """A tiny TextCNN config (vocabulary 50, no dropout), `rows` random rows of 12 token ids and
+    random multi-hot labels over 3 labels."""
+    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
+    ids = np.random.default_rng(0).integers(5, 50, size=(rows, 12)).astype(np.int32)
+    labels = np.random.default_rng(1).integers(0, 2, size=(rows, 3)).astype(np.float32)
+    return config, ids, labels
+
+
 def test_prediction_rule_takes_every_label_over_half_or_the_top_one():
     probs = np.array([[0.9, 0.6, 0.1], [0.2, 0.4, 0.3], [0.5, 0.1, 0.0]])
     assert model.predict_labels(probs).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
@@ -75,8 +84,7 @@ def test_classifier_warms_up_over_a_tenth_of_the_run_but_no_more_than_an_epoch(
         epochs, steps_per_epoch, warmup):
     import classifier_task
 
-    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
-    ids = np.random.default_rng(0).integers(5, 50, size=(8, 12)).astype(np.int32)
+    config, ids, _ = tiny_textcnn_task(8)
     labels = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
     classifier = classifier_task.build_and_compile(
         model.build_backbone(config), ids, labels, epochs, steps_per_epoch,
@@ -97,11 +105,9 @@ def test_backbone_learns_at_its_scale_of_the_heads_rate():
     so a scaled variable must move `scale` times as far; scale 0 holds it still."""
     import keras
 
-    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
-    ids = np.random.default_rng(0).integers(5, 50, size=(16, 12)).astype(np.int32)
+    config, ids, labels = tiny_textcnn_task(16)
     inputs = {"token_ids": ids, "segment_ids": np.zeros_like(ids),
               "padding_mask": np.ones_like(ids)}
-    labels = np.random.default_rng(1).integers(0, 2, size=(16, 3)).astype(np.float32)
     moved = {}
     for scale in (0.0, 0.25, 1.0):
         keras.utils.set_random_seed(0)
@@ -126,9 +132,7 @@ def test_bag_of_words_learns_by_sgd_with_momentum_and_the_rest_by_adam():
     import keras
     import tensorflow as tf
 
-    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
-    ids = np.random.default_rng(0).integers(5, 50, size=(16, 12)).astype(np.int32)
-    labels = np.random.default_rng(1).integers(0, 2, size=(16, 3)).astype(np.float32)
+    config, ids, labels = tiny_textcnn_task(16)
     keras.utils.set_random_seed(0)
     classifier = model.build_classifier(model.build_backbone(config), 3, 0.0, bag_of_words=True)
     kernel = classifier.get_layer("bag_of_words").kernel
@@ -164,9 +168,7 @@ def test_weight_averaging_scores_the_moving_average_and_trains_on_the_weights():
 
     import classifier_task
 
-    config = model.config_from_preset("tiny", backbone="textcnn", vocab_size=50, dropout=0.0)
-    ids = np.random.default_rng(0).integers(5, 50, size=(32, 12)).astype(np.int32)
-    labels = np.random.default_rng(1).integers(0, 2, size=(32, 3)).astype(np.float32)
+    config, ids, labels = tiny_textcnn_task(32)
     settings = classifier_task.ClassifierSettings(bag_of_words=False, weight_averaging=0.5)
     keras.utils.set_random_seed(0)
     classifier = classifier_task.build_and_compile(model.build_backbone(config), ids, labels,
