@@ -338,17 +338,17 @@ def define_classifier_flags(default_ckpt_dir: str, learning_rate_help: str) -> N
                        "many-label sample task: 20 or 40, by seed) than short texts (the "
                        "reviews: 10).",
                        lower_bound=0.0)
-    flags.DEFINE_float("weight_averaging", 0.0, "Score, keep and predict with a moving average "
+    flags.DEFINE_float("weight_averaging", None, "Score, keep and predict with a moving average "
                        "of the weights (Polyak averaging: the optimizer's exponential moving "
                        "average, swapped in for each epoch's validation) over about this many "
-                       "epochs of steps; 0 uses the weights as they are. Off by default: 0.5 "
-                       "lifted the pretrained Transformer on the 13,888 sample reviews by 0.018 "
-                       "F1 (its validation F1 peaks at epoch 2 and swings) and the TextCNN there "
-                       "by 0.006, the TextCNN on the 15,189 entity paragraphs by 0.005 (their "
-                       "Transformer level), and on 1,000-line sets, learnt in two epochs, the "
-                       "average lags (-0.002 to -0.004; 3 seeds each, "
-                       "benchmarks/results/weight_averaging_probe.md). Try 0.5 when an epoch has "
-                       "hundreds of steps.", lower_bound=0.0)
+                       "epochs of steps; 0 uses the weights as they are. Default: 0.5 when an "
+                       "epoch has at least 100 steps (6,400 examples at batch 64), else 0. On "
+                       "the 13,888 sample reviews 0.5 lifted the pretrained Transformer by 0.018 "
+                       "F1 (its validation F1 peaks at epoch 2 and swings) and the TextCNN by "
+                       "0.006, on the 15,189 entity paragraphs the TextCNN by 0.005; on "
+                       "1,000-line sets, learnt in two epochs, the average lags (-0.002 to "
+                       "-0.004; 3 seeds each, benchmarks/results/weight_averaging_probe.md).",
+                       lower_bound=0.0)
     flags.DEFINE_integer("early_stopping_patience", 3, "Stop when validation F1 has not improved "
                          "for this many epochs (the best epoch's weights are kept, as always); "
                          "0 runs every --num_epochs.", lower_bound=0)

@@ -1,4 +1,6 @@
 """Shared training pieces: the original's prediction rule, F1, the learning-rate schedule."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -215,6 +217,26 @@ def test_weight_averaging_scores_the_moving_average_and_trains_on_the_weights():
         model.build_backbone(config), ids, labels, epochs=3, steps_per_epoch=4,
         settings=classifier_task.ClassifierSettings(bag_of_words=False))
     assert train_util.scored_with_averages(plain, [scored], [backed_up]) == [scored, backed_up]
+
+
+def test_weight_averaging_is_on_by_default_only_for_epochs_of_many_steps():
+    """Default settings average over half an epoch once an epoch has AVERAGING_MIN_STEPS steps;
+    a value given (0 included) is taken as it is."""
+    import classifier_task
+
+    threshold = classifier_task.AVERAGING_MIN_STEPS
+    default = classifier_task.ClassifierSettings()
+
+    def momentum(settings, steps):
+        optimizer = classifier_task.make_optimizer(settings, 3, steps, average=True)
+        return optimizer.ema_momentum if optimizer.use_ema else None
+
+    assert momentum(default, threshold - 1) is None
+    assert momentum(default, threshold) == pytest.approx(1 - 1 / (0.5 * threshold))
+    assert momentum(dataclasses.replace(default, weight_averaging=0.0), 10 * threshold) is None
+    assert momentum(dataclasses.replace(default, weight_averaging=2.0), 10) == pytest.approx(0.95)
+    # the bag-of-words trial never averages
+    assert not classifier_task.make_optimizer(default, 3, 10 * threshold).use_ema
 
 
 def test_summary_line_is_grep_able(capsys):
