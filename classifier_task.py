@@ -247,7 +247,7 @@ def build_and_compile(backbone: keras.Model, train_ids: np.ndarray, train_labels
     model.set_label_priors(classifier, train_labels.mean(axis=0))
     optimizer = make_optimizer(settings, epochs, steps_per_epoch, average=True)
     if settings.weight_averaging is None and optimizer.use_ema:
-        print(f"weight averaging over {DEFAULT_AVERAGING_EPOCHS:g} epoch of steps, as an epoch "
+        print(f"weight averaging over {DEFAULT_AVERAGING_EPOCHS:g} epochs of steps, as an epoch "
               f"has {steps_per_epoch} steps (>= {AVERAGING_MIN_STEPS}); --weight_averaging=0 "
               "turns it off", flush=True)
     if backbone_lr_scale is not None and not freeze_backbone:

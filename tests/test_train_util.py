@@ -161,6 +161,21 @@ def test_bag_of_words_learns_by_sgd_with_momentum_and_the_rest_by_adam():
     assert np.abs(first).max() > 0
 
 
+def assert_scored_with_averages(steps: list, scored: list, backed_up: list,
+                                momentum: float, steps_per_epoch: int = 4) -> None:
+    """`scored` (a weight at each epoch's end, as the scoring callbacks saw it) is the moving
+    average of `steps` (the weight after each step): the first step's weights, then
+    momentum * average + (1 - momentum) * weights; `backed_up` is the weight itself."""
+    averages = [steps[0]]
+    for weights in steps[1:]:
+        averages.append(momentum * averages[-1] + (1 - momentum) * weights)
+    for epoch in range(len(scored)):
+        last_step = (epoch + 1) * steps_per_epoch - 1
+        np.testing.assert_allclose(scored[epoch], averages[last_step], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(backed_up[epoch], steps[last_step])
+    assert np.abs(scored[0] - steps[steps_per_epoch - 1]).max() > 1e-4
+
+
 def test_weight_averaging_scores_the_moving_average_and_trains_on_the_weights():
     """The callbacks that score an epoch (classifier_task.train's list, through
     scored_with_averages) see the exponential moving average of the weights after every step
@@ -201,15 +216,8 @@ def test_weight_averaging_scores_the_moving_average_and_trains_on_the_weights():
     callbacks = train_util.scored_with_averages(classifier, [Steps(), scored], [backed_up])
     classifier.fit(model.backbone_features(ids), labels, batch_size=8, epochs=2, shuffle=False,
                    verbose=0, callbacks=callbacks)
-    averages = [steps[0]]
-    for weights in steps[1:]:
-        averages.append(momentum * averages[-1] + (1 - momentum) * weights)
-    for epoch, last_step in enumerate((3, 7)):
-        np.testing.assert_allclose(scored.epoch_ends[epoch], averages[last_step], rtol=1e-5,
-                                   atol=1e-7)
-        np.testing.assert_allclose(backed_up.epoch_ends[epoch], steps[last_step])
+    assert_scored_with_averages(steps, scored.epoch_ends, backed_up.epoch_ends, momentum)
     np.testing.assert_allclose(next_starts[0], steps[3])
-    assert np.abs(scored.epoch_ends[0] - steps[3]).max() > 1e-4
     # fit itself ends with the averages in the model (Keras' finalize_variable_values)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel), scored.epoch_ends[-1])
     # without averaging the list is the callbacks as given
@@ -217,6 +225,67 @@ def test_weight_averaging_scores_the_moving_average_and_trains_on_the_weights():
         model.build_backbone(config), ids, labels, epochs=3, steps_per_epoch=4,
         settings=classifier_task.ClassifierSettings(bag_of_words=False))
     assert train_util.scored_with_averages(plain, [scored], [backed_up]) == [scored, backed_up]
+
+
+AVERAGES_ON_TWO_REPLICAS = """
+import json, os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import train_util
+if sys.argv[2] == "mirrored":
+    train_util.split_cpu_for_testing(2)
+import keras, model, classifier_task
+from test_train_util import tiny_textcnn_task
+config, ids, labels = tiny_textcnn_task(32)
+settings = classifier_task.ClassifierSettings(bag_of_words=False, weight_averaging=0.5,
+                                              dropout=0.0)
+keras.utils.set_random_seed(0)
+with train_util.get_distribution_strategy(sys.argv[2]).scope():
+    classifier = classifier_task.build_and_compile(model.build_backbone(config), ids, labels,
+                                                   epochs=3, steps_per_epoch=4, settings=settings)
+kernel = classifier.get_layer("classifier_head").weights[0]
+class Seen(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.values = []
+    def record(self):
+        self.values.append(keras.ops.convert_to_numpy(kernel).tolist())
+    def on_epoch_end(self, epoch, logs=None):
+        self.record()
+class Steps(Seen):
+    def on_train_batch_end(self, batch, logs=None):
+        self.record()
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+steps, scored, backed_up = Steps(), Seen(), Seen()
+classifier.fit(model.backbone_features(ids), labels, batch_size=8, epochs=2, shuffle=False,
+               verbose=0, callbacks=train_util.scored_with_averages(classifier, [steps, scored],
+                                                                     [backed_up]))
+print("SEEN", json.dumps({"steps": steps.values, "scored": scored.values,
+                          "backed_up": backed_up.values}))
+"""
+
+
+@pytest.mark.slow
+def test_weight_averaging_under_mirrored_strategy_scores_the_moving_average():
+    """With 2 replicas (2 logical CPUs, so a process of its own) the epochs are scored with the
+    moving average of the mirrored weights and backed up with the weights themselves."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import classifier_task
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", AVERAGES_ON_TWO_REPLICAS, root, "mirrored"],
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("SEEN ")]
+    assert lines, done.stderr[-2000:]
+    seen = {kind: [np.array(v) for v in values]
+            for kind, values in json.loads(lines[-1][5:]).items()}
+    assert len(seen["steps"]) == 8 and len(seen["scored"]) == 2
+    assert_scored_with_averages(seen["steps"], seen["scored"], seen["backed_up"],
+                                classifier_task.averaging_momentum(0.5, 4))
 
 
 def test_weight_averaging_is_on_by_default_only_for_epochs_of_many_steps():
