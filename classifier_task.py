@@ -178,6 +178,8 @@ def save_run_files(run: run_directory.Run, data: ClassificationData,
                                                "bag_of_words": settings.bag_of_words,
                                                "bag_of_words_learning_rate":
                                                    settings.bag_of_words_learning_rate,
+                                               "weight_averaging": averaging_epochs(
+                                                   settings, data.steps_per_epoch()),
                                                "num_labels": len(data.labels)})
 
 

@@ -105,9 +105,11 @@ def test_fine_tuning_reports_sane_scores_and_files(fine_tuned):
     assert list(thresholds["thresholds"]) == labels
     assert all(0.0 < t < 1.0 for t in thresholds["thresholds"].values())
     assert report["decision_rule"] == "tuned"
-    # the bag-of-words rate the trial chose is recorded with the run
+    # the bag-of-words rate the trial chose, and the averaging the default gave (none: test
+    # mode's 2,000 lines make fewer than 100 steps an epoch), are recorded with the run
     data_config = json.load(open(os.path.join(run_dir, "data_config.json"), encoding="utf-8"))
     assert data_config["bag_of_words_learning_rate"] in classifier_task.BAG_OF_WORDS_RATES
+    assert data_config["weight_averaging"] == 0.0
     assert [r["threshold"] for r in report["per_label"]] == list(
         thresholds["thresholds"].values())
 
