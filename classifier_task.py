@@ -178,8 +178,7 @@ def save_run_files(run: run_directory.Run, data: ClassificationData,
                                                "bag_of_words": settings.bag_of_words,
                                                "bag_of_words_learning_rate":
                                                    settings.bag_of_words_learning_rate,
-                                               "weight_averaging": averaging_epochs(
-                                                   settings, data.steps_per_epoch()),
+                                               "weight_averaging": settings.weight_averaging,
                                                "num_labels": len(data.labels)})
 
 
@@ -197,6 +196,18 @@ def averaging_epochs(settings: ClassifierSettings, steps_per_epoch: int) -> floa
     if settings.weight_averaging is not None:
         return settings.weight_averaging
     return DEFAULT_AVERAGING_EPOCHS if steps_per_epoch >= AVERAGING_MIN_STEPS else 0.0
+
+
+def choose_weight_averaging(settings: ClassifierSettings,
+                            steps_per_epoch: int) -> ClassifierSettings:
+    """`settings` with the weight averaging `averaging_epochs` gives, so that the run records
+    what it used; says so when the default turns it on."""
+    chosen = averaging_epochs(settings, steps_per_epoch)
+    if settings.weight_averaging is None and chosen:
+        print(f"weight averaging over {chosen:g} epochs of steps, as an epoch has "
+              f"{steps_per_epoch} steps (>= {AVERAGING_MIN_STEPS}); --weight_averaging=0 turns "
+              "it off", flush=True)
+    return dataclasses.replace(settings, weight_averaging=chosen)
 
 
 def averaging_momentum(epochs: float, steps_per_epoch: int) -> float | None:
@@ -248,10 +259,6 @@ def build_and_compile(backbone: keras.Model, train_ids: np.ndarray, train_labels
                                         settings.bag_of_words)
     model.set_label_priors(classifier, train_labels.mean(axis=0))
     optimizer = make_optimizer(settings, epochs, steps_per_epoch, average=True)
-    if settings.weight_averaging is None and optimizer.use_ema:
-        print(f"weight averaging over {DEFAULT_AVERAGING_EPOCHS:g} epochs of steps, as an epoch "
-              f"has {steps_per_epoch} steps (>= {AVERAGING_MIN_STEPS}); --weight_averaging=0 "
-              "turns it off", flush=True)
     if backbone_lr_scale is not None and not freeze_backbone:
         optimizer.scale_learning_rate(backbone.trainable_variables, backbone_lr_scale)
     if settings.bag_of_words:

@@ -288,9 +288,10 @@ def test_weight_averaging_under_mirrored_strategy_scores_the_moving_average():
                                 classifier_task.averaging_momentum(0.5, 4))
 
 
-def test_weight_averaging_is_on_by_default_only_for_epochs_of_many_steps():
+def test_weight_averaging_is_on_by_default_only_for_epochs_of_many_steps(capsys):
     """Default settings average over half an epoch once an epoch has AVERAGING_MIN_STEPS steps;
-    a value given (0 included) is taken as it is."""
+    a value given (0 included) is taken as it is; the choice is written into the settings, and
+    said when the default makes it."""
     import classifier_task
 
     threshold = classifier_task.AVERAGING_MIN_STEPS
@@ -306,6 +307,12 @@ def test_weight_averaging_is_on_by_default_only_for_epochs_of_many_steps():
     assert momentum(dataclasses.replace(default, weight_averaging=2.0), 10) == pytest.approx(0.95)
     # the bag-of-words trial never averages
     assert not classifier_task.make_optimizer(default, 3, 10 * threshold).use_ema
+    assert classifier_task.choose_weight_averaging(default, threshold).weight_averaging == 0.5
+    assert "weight averaging over 0.5 epochs" in capsys.readouterr().out
+    assert classifier_task.choose_weight_averaging(default, 10).weight_averaging == 0.0
+    given = dataclasses.replace(default, weight_averaging=0.0)
+    assert classifier_task.choose_weight_averaging(given, 10 * threshold) == given
+    assert capsys.readouterr().out == ""
 
 
 def test_summary_line_is_grep_able(capsys):
