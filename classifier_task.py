@@ -210,6 +210,15 @@ def choose_weight_averaging(settings: ClassifierSettings,
     return dataclasses.replace(settings, weight_averaging=chosen)
 
 
+def choose_data_settings(data: ClassificationData, planned_epochs: int,
+                         settings: ClassifierSettings) -> ClassifierSettings:
+    """`settings` with the defaults that depend on the training data filled in: the
+    bag-of-words rate (`choose_bag_of_words_rate`) and the weight averaging
+    (`choose_weight_averaging`)."""
+    settings = choose_bag_of_words_rate(data, planned_epochs, settings)
+    return choose_weight_averaging(settings, data.steps_per_epoch())
+
+
 def averaging_momentum(epochs: float, steps_per_epoch: int) -> float | None:
     """The moving average's momentum that weighs about `epochs` epochs of steps (None: 0)."""
     if epochs <= 0:

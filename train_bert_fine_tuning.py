@@ -86,8 +86,7 @@ def main(_):
     data = classifier_task.load_data(files, style, settings, vocab=vocab,
                                      max_sequence_length=max_position)
     epochs = cli.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
-    settings = classifier_task.choose_bag_of_words_rate(data, epochs, settings)
-    settings = classifier_task.choose_weight_averaging(settings, data.steps_per_epoch())
+    settings = classifier_task.choose_data_settings(data, epochs, settings)
 
     # --------------------------------------------------------------------- model
     with strategy.scope():

@@ -51,8 +51,7 @@ def main(_):
                                      vocab_size=FLAGS.vocab_size,
                                      max_sequence_length=FLAGS.max_position)
     epochs = cli.epochs_to_run(test_mode_default=2, steps_per_epoch=data.steps_per_epoch())
-    settings = classifier_task.choose_bag_of_words_rate(data, epochs, settings)
-    settings = classifier_task.choose_weight_averaging(settings, data.steps_per_epoch())
+    settings = classifier_task.choose_data_settings(data, epochs, settings)
 
     # --------------------------------------------------------------------- model
     config = cli.config_from_flags(len(data.vocab), preset)
