@@ -93,7 +93,8 @@ def main(_):
         backbone, config = model.load_backbone(
             pretrained.verified(run_directory.CONFIG),
             pretrained.verified(run_directory.BACKBONE_WEIGHTS),
-            expected_vocab_size=len(vocab), dropout=settings.dropout)
+            expected_vocab_size=len(vocab), dropout=settings.dropout,
+            first_position_only=True)
         classifier = classifier_task.build_and_compile(
             backbone, *data.splits["train"], epochs, data.steps_per_epoch(), settings,
             FLAGS.backbone_lr_scale, FLAGS.freeze_backbone)

@@ -106,7 +106,7 @@ def main(_):
         # Without NSP the pooler gets no gradient (fine-tuning trains it): not worth a warning.
         warnings.filterwarnings("ignore", message="Gradients do not exist for variables .*pooler")
     with strategy.scope():
-        backbone = model.build_backbone(config)
+        backbone = model.build_backbone(config, output_positions=True)
         pretrainer = model.build_pretraining_model(backbone, use_nsp=FLAGS.use_nsp)
         optimizer = train_util.make_optimizer(FLAGS.learning_rate, steps * epochs, warmup,
                                               FLAGS.decay_steps, FLAGS.decay_rate,

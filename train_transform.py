@@ -57,7 +57,7 @@ def main(_):
     config = cli.config_from_flags(len(data.vocab), preset)
     with strategy.scope():
         classifier = classifier_task.build_and_compile(
-            model.build_backbone(config), *data.splits["train"],
+            model.build_backbone(config, first_position_only=True), *data.splits["train"],
             epochs, data.steps_per_epoch(), settings)
     classifier_task.save_run_files(run, data, config, settings)
     start = classifier_task.evaluate(classifier, data, "valid")
@@ -88,7 +88,8 @@ def run_toy_task(strategy, preset: str, timer: train_util.Timer,
     settings = dataclasses.replace(settings, bag_of_words=False)
     with strategy.scope():
         classifier = classifier_task.build_and_compile(
-            model.build_backbone(config), train_x, train_y, epochs, steps_per_epoch, settings)
+            model.build_backbone(config, first_position_only=True), train_x, train_y, epochs,
+            steps_per_epoch, settings)
     # fit's own validation runs before the epoch-end callbacks: Keras' swap (at each test pass)
     # scores the averaged weights, which fit leaves in the model at its end
     averaging = [keras.callbacks.SwapEMAWeights()] if classifier.optimizer.use_ema else []

@@ -72,12 +72,15 @@ def _seconds(work) -> float:
 
 # ------------------------------------------------------------------------------ FLOP counts
 def encoder_flops(batch: int, length: int, d_model: int, num_layer: int, num_header: int,
-                  d_k: int, d_v: int, d_ff: int) -> float:
-    """Forward matmul FLOPs of the encoder blocks (projections, attention, feed-forward)."""
-    projections = 2 * d_model * num_header * (2 * d_k + d_v) + 2 * num_header * d_v * d_model
-    attention = 2 * length * num_header * (d_k + d_v)
-    feed_forward = 4 * d_model * d_ff
-    return batch * length * num_layer * (projections + attention + feed_forward)
+                  d_k: int, d_v: int, d_ff: int, last_rows: int | None = None) -> float:
+    """Forward matmul FLOPs of the encoder blocks (projections, attention, feed-forward).
+    `last_rows`: the positions the last block computes (None: all; ours compute [CLS] and the
+    masked positions alone: keys and values for every position, the rest for those rows)."""
+    keys_values = 2 * d_model * num_header * (d_k + d_v)
+    per_row = (2 * d_model * num_header * d_k + 2 * num_header * d_v * d_model
+               + 2 * length * num_header * (d_k + d_v) + 4 * d_model * d_ff)
+    rows = length * (num_layer - 1) + (length if last_rows is None else last_rows)
+    return batch * (length * num_layer * keys_values + rows * per_row)
 
 
 def textcnn_flops(batch: int, length: int, d_model: int, num_filters: int,
@@ -94,12 +97,13 @@ def inference_flops(backbone: str) -> float:
     head = 2 * d * d + 2 * d * LABELS
     if backbone == "textcnn":
         return textcnn_flops(1, LENGTH, d, d) + head
-    return encoder_flops(1, LENGTH, **SHAPE) + head
+    return encoder_flops(1, LENGTH, **SHAPE, last_rows=1) + head
 
 
 def training_flops(task: str) -> float:
-    """FLOPs of one training step at the benchmark shape (backward = 2 x forward)."""
-    forward = encoder_flops(BATCH, LENGTH, **SHAPE)
+    """FLOPs of one training step of ours at the benchmark shape (backward = 2 x forward)."""
+    # the last block computes [CLS] and the masked positions (masked LM) or [CLS] alone
+    forward = encoder_flops(BATCH, LENGTH, **SHAPE, last_rows=1 + (MASKED if task == "mlm" else 0))
     d = SHAPE["d_model"]
     if task == "mlm":
         forward += BATCH * MASKED * (2 * d * d + 2 * d * VOCAB)
@@ -147,12 +151,13 @@ def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False,
                                       max_position=512)
     optimizer = keras.optimizers.AdamW(1e-4)
     if task == "mlm":
-        net = model.build_pretraining_model(model.build_backbone(config))
+        net = model.build_pretraining_model(model.build_backbone(config, output_positions=True))
         model.compile_pretraining_model(net, optimizer, jit_compile=jit_compile)
         data = repeat(({**backbone_inputs(batch), "masked_positions": batch["masked_positions"]},
                        {"mlm": batch["masked_ids"]}))
     else:
-        net = model.build_classifier(model.build_backbone(config), LABELS, 0.1)
+        net = model.build_classifier(model.build_backbone(config, first_position_only=True),
+                                     LABELS, 0.1)  # as the classifier scripts train
         model.compile_classifier(net, optimizer, jit_compile=jit_compile)
         data = repeat((backbone_inputs(batch), batch["labels"]))
     train_util.set_precision("off")

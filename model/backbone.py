@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+from keras import ops
 
 from .config import ModelConfig
 from .layers import Embeddings, Pooler, TextCNNEncoder, TransformerBlock
@@ -51,18 +52,26 @@ def backbone_inputs(*extra_names: str) -> dict[str, keras.KerasTensor]:
             for name in (*INPUT_NAMES, *extra_names)}
 
 
-def build_backbone(config: ModelConfig, first_position_only: bool = False) -> keras.Model:
+def build_backbone(config: ModelConfig, first_position_only: bool = False,
+                   output_positions: bool = False) -> keras.Model:
     """`{token_ids, segment_ids, padding_mask}` -> `{sequence_output [B,T,d], pooled_output [B,d]}`.
 
     Transformer: `num_layer` encoder blocks, pooled = the [CLS] state. TextCNN: per-position
     convolution features projected to d_model, pooled = max + mean over the real positions.
-    `first_position_only` (Transformer; for scoring a classifier, not for training one): the last
-    block computes the [CLS] position alone, so sequence_output is [B,1,d] and pooled_output the
-    same numbers (to float rounding) for about (num_layer - 0.8) / num_layer of the work. Same
-    weights, so either loads the other's files.
+    `first_position_only` (Transformer; for a classifier, which reads the [CLS] state alone):
+    the last block computes the [CLS] position alone, so sequence_output is [B,1,d] and
+    pooled_output the same numbers (to float rounding) for about (num_layer - 0.8) / num_layer
+    of the work; in training too, with the dropout masks the whole block would draw.
+    `output_positions` (for a masked-LM head): a fourth input, `output_positions` [B,P], and
+    sequence_output [B,P,d] holds those positions' states alone; the Transformer's last block
+    computes them and [CLS] (for pooled_output) alone, exactly as above. Same weights in every
+    case, so each loads the others' files.
     """
     config.validate()
-    inputs = backbone_inputs()
+    inputs = backbone_inputs(*(("output_positions",) if output_positions else ()))
+    # the last block's rows: [CLS], then the positions asked for
+    rows = (ops.concatenate([ops.zeros_like(inputs["output_positions"][:, :1]),
+                             inputs["output_positions"]], axis=1) if output_positions else None)
     embeddings = Embeddings(config.vocab_size, config.d_model, config.max_position,
                             config.type_vocab_size, config.dropout, config.initializer_range,
                             name="embeddings")
@@ -73,16 +82,21 @@ def build_backbone(config: ModelConfig, first_position_only: bool = False) -> ke
             x = TransformerBlock(config.d_model, config.num_header, config.d_k, config.d_v,
                                  config.d_ff, config.dropout, config.initializer_range,
                                  first_only=first_position_only and last,
-                                 name=f"transformer_layer_{i}")(x, inputs["padding_mask"])
-        pooler = Pooler(config.d_model, "cls", config.pooled_tanh, config.initializer_range,
-                        name="pooler")
+                                 name=f"transformer_layer_{i}")(
+                x, inputs["padding_mask"], rows if last else None)
+        pooled = Pooler(config.d_model, "cls", config.pooled_tanh, config.initializer_range,
+                        name="pooler")(x, inputs["padding_mask"])
+        sequence = x[:, 1:] if output_positions else x
     else:
         x = TextCNNEncoder(config.d_model, config.filter_sizes, config.num_filters,
                            config.dropout, config.initializer_range, name="textcnn")(
             x, inputs["padding_mask"])
-        pooler = Pooler(config.d_model, "max_mean", False, config.initializer_range, name="pooler")
-    pooled = pooler(x, inputs["padding_mask"])
-    return keras.Model(inputs, {"sequence_output": x, "pooled_output": pooled}, name="backbone")
+        pooled = Pooler(config.d_model, "max_mean", False, config.initializer_range,
+                        name="pooler")(x, inputs["padding_mask"])
+        sequence = (ops.take_along_axis(x, inputs["output_positions"][:, :, None], axis=1)
+                    if output_positions else x)
+    return keras.Model(inputs, {"sequence_output": sequence, "pooled_output": pooled},
+                       name="backbone")
 
 
 def get_token_embedding(backbone: keras.Model) -> keras.layers.Embedding:

@@ -27,7 +27,9 @@ class MaskedLMHead(keras.layers.Layer):
     Gathers the states (one-hot gather), transforms them (dense + GELU + LayerNorm) and scores
     them against the token-embedding matrix it shares with the backbone, plus a bias. No dropout
     on the logits (the original's mistake).
-    Call: `(sequence_output [B,T,d], masked_positions [B,P])` -> logits `[B,P,vocab_size]`.
+    Call: `(sequence_output [B,T,d], masked_positions [B,P])` -> logits `[B,P,vocab_size]`;
+    without `masked_positions`, sequence_output [B,P,d] holds the masked positions' states (a
+    backbone built with `output_positions` gives them).
 
     A tie is a shared object, which a config cannot hold: `from_config` of the config alone gives
     a head that owns a new embedding layer. To re-tie a head, pass the backbone's layer as the
@@ -55,13 +57,17 @@ class MaskedLMHead(keras.layers.Layer):
                                     initializer="zeros")
         self.built = True
 
-    def call(self, sequence_output, masked_positions):
-        hidden = self.layer_norm(self.transform(one_hot_gather(sequence_output, masked_positions)))
+    def call(self, sequence_output, masked_positions=None):
+        if masked_positions is not None:
+            sequence_output = one_hot_gather(sequence_output, masked_positions)
+        hidden = self.layer_norm(self.transform(sequence_output))
         logits = ops.matmul(hidden, ops.transpose(self.token_embedding.embeddings))
         # float32 out whatever the compute dtype: the softmax over the vocabulary needs it
         return ops.cast(logits + self.bias, "float32")
 
-    def compute_output_shape(self, sequence_output_shape, masked_positions_shape):
+    def compute_output_shape(self, sequence_output_shape, masked_positions_shape=None):
+        if masked_positions_shape is None:
+            return tuple(sequence_output_shape[:2]) + (self.vocab_size,)
         return tuple(masked_positions_shape) + (self.vocab_size,)
 
     def get_config(self) -> dict:

@@ -16,10 +16,12 @@ class BackboneMismatchError(ValueError):
 
 
 def load_backbone(config_file: str, weights_file: str, expected_vocab_size: int | None = None,
-                  dropout: float | None = None) -> tuple[keras.Model, ModelConfig]:
+                  dropout: float | None = None,
+                  first_position_only: bool = False) -> tuple[keras.Model, ModelConfig]:
     """Build the backbone that `config_file` describes and load `weights_file` into it.
 
-    `dropout` replaces the saved rate (a fine-tuning choice; it changes no weight). Raises
+    `dropout` replaces the saved rate (a fine-tuning choice; it changes no weight);
+    `first_position_only` builds it for a classifier (see build_backbone). Raises
     BackboneMismatchError when a file is missing, the vocabulary size differs from
     `expected_vocab_size`, or any weight's name or shape differs: nothing is skipped.
     """
@@ -37,7 +39,7 @@ def load_backbone(config_file: str, weights_file: str, expected_vocab_size: int 
             f"{expected_vocab_size} tokens; use the vocab.txt of the same run directory")
     if dropout is not None:
         config.dropout = dropout
-    backbone = build_backbone(config)
+    backbone = build_backbone(config, first_position_only)
     check_weight_layout(backbone, weights_file)
     backbone.load_weights(weights_file)
     return backbone, config

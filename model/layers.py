@@ -71,6 +71,11 @@ class Embeddings(keras.layers.Layer):
                 "dropout": self.dropout, "initializer_range": self.initializer_range}
 
 
+def gather_rows(x, rows, axis: int = 1):
+    """The rows [B,R] (positions along `axis`) of each example of x [B,...] (an exact copy)."""
+    return tf.gather(x, rows, axis=axis, batch_dims=1)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class AttentionDropout(keras.layers.Layer):
     """Dropout for the [B,H,T,T] attention probabilities, drawing half the random bits.
@@ -92,15 +97,22 @@ class AttentionDropout(keras.layers.Layer):
         if self.threshold:  # as keras.layers.Dropout: a rate of 0 draws no seed from the global one
             self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, x, training=None):
+    def call(self, x, training=None, rows=None):
+        """`rows` [B,R]: x [B,H,R,T] holds these query rows alone of a [B,H,T,T] tensor, and is
+        dropped as they would be there (the same random draws)."""
         if not training or self.threshold == 0:
             return x
-        size = tf.size(x)
+        shape = tf.shape(x)
+        if rows is not None:
+            shape = tf.concat([shape[:2], shape[3:], shape[3:]], axis=0)
+        size = tf.reduce_prod(shape)
         seed = tf.cast(self.seed_generator.next(), tf.int64)
         words = tf.random.stateless_uniform([(size + 1) // 2], seed, minval=None, maxval=None,
                                             dtype=tf.uint32)
         draws = tf.reshape(tf.bitcast(words, tf.uint16), [-1])[:size]
-        keep = tf.reshape(draws, tf.shape(x)) >= tf.constant(self.threshold, tf.uint16)
+        keep = tf.reshape(draws, shape) >= tf.constant(self.threshold, tf.uint16)
+        if rows is not None:
+            keep = gather_rows(keep, rows, axis=2)
         scale = self.LEVELS / (self.LEVELS - self.threshold)
         return tf.where(keep, x * ops.cast(scale, x.dtype), tf.zeros_like(x))
 
@@ -119,8 +131,8 @@ class SelfAttention(keras.layers.Layer):
     [d, H*(2*d_k + d_v)] matmul instead of three, the padding mask added as a bias before a
     single softmax, and batched matmuls whose transposes the graph optimiser folds away. On a
     CPU the [B, H, T, T] score tensor is what costs; it is touched as few times as possible.
-    Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`; with `first_only`, only the first
-    position asks (it still attends to every position) -> `[B,1,d]`.
+    Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`; with `rows` [B,R], only those
+    positions ask (they still attend to every position) -> `[B,R,d]`.
     """
 
     def __init__(self, d_model: int, num_header: int, d_k: int, d_v: int, dropout: float = 0.1,
@@ -144,10 +156,10 @@ class SelfAttention(keras.layers.Layer):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         return ops.transpose(ops.reshape(x, (batch, length, self.num_header, width)), (0, 2, 1, 3))
 
-    def call(self, x, padding_mask, training=None, first_only=False):
+    def call(self, x, padding_mask, training=None, rows=None):
         key_size = self.num_header * self.d_k
         projected = self.query_key_value(x)
-        asking = projected[:, :1] if first_only else projected
+        asking = projected if rows is None else gather_rows(projected, rows)
         # scaling the [B,T,H*d_k] queries is cheaper than scaling the [B,H,T,T] scores
         query = self._heads(asking[..., :key_size] * (self.d_k ** -0.5), self.d_k)
         key = self._heads(projected[..., key_size:2 * key_size], self.d_k)
@@ -155,7 +167,7 @@ class SelfAttention(keras.layers.Layer):
         # [B,1,1,T]: a large negative score for padding keys, so softmax gives them nothing
         blocked = (1.0 - ops.cast(padding_mask, x.dtype)[:, None, None, :]) * -1e9
         scores = ops.matmul(query, ops.swapaxes(key, -1, -2)) + ops.cast(blocked, x.dtype)
-        weights = self.dropout_layer(ops.softmax(scores, axis=-1), training=training)
+        weights = self.dropout_layer(ops.softmax(scores, axis=-1), training=training, rows=rows)
         context = ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
         batch, length = ops.shape(x)[0], ops.shape(asking)[1]
         return self.output_dense(ops.reshape(context, (batch, length, self.num_header * self.d_v)))
@@ -173,9 +185,12 @@ class SelfAttention(keras.layers.Layer):
 class TransformerBlock(keras.layers.Layer):
     """Post-LN encoder block (as BERT): self-attention with the padding mask, then a GELU
     feed-forward; residual + LayerNorm after each. Per-head key size d_k and value size d_v, as
-    the original's flags. Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`; a block made
-    with `first_only` gives the first position's new state alone, `[B,1,d]` (what a [CLS]
-    pooler reads from the last block, for a fraction of the block's work; same weights)."""
+    the original's flags. Call: `(x [B,T,d], padding_mask [B,T])` -> `[B,T,d]`. Given `rows`
+    [B,R], it computes the new states of those positions alone, `[B,R,d]` (a masked-LM head
+    reads no other from the last block); a block made with `first_only` gives the first
+    position's alone, `[B,1,d]` (what a [CLS] pooler reads). Same weights, a fraction of the
+    work; in training each dropout mask is the part of the mask the whole block would draw, so
+    that the block trains exactly the model a whole one does (the other rows feed nothing)."""
 
     def __init__(self, d_model: int, num_header: int, d_k: int, d_v: int, d_ff: int,
                  dropout: float = 0.1, initializer_range: float = 0.02, first_only: bool = False,
@@ -204,15 +219,28 @@ class TransformerBlock(keras.layers.Layer):
         self.output_norm.build(shape)
         self.built = True
 
-    def call(self, x, padding_mask, training=None):
-        attended = self.attention(x, padding_mask, training=training, first_only=self.first_only)
-        x = x[:, :1] if self.first_only else x
-        x = self.attention_norm(x + self.dropout_layer(attended, training=training))
+    def call(self, x, padding_mask, rows=None, training=None):
+        if self.first_only:
+            rows = ops.zeros((ops.shape(x)[0], 1), "int32")
+        length = ops.shape(x)[1]
+        attended = self.attention(x, padding_mask, training=training, rows=rows)
+        if rows is not None:
+            x = gather_rows(x, rows)
+        x = self.attention_norm(x + self._dropped(attended, length, rows, training))
         hidden = self.output_dense(self.intermediate(x))
-        return self.output_norm(x + self.dropout_layer(hidden, training=training))
+        return self.output_norm(x + self._dropped(hidden, length, rows, training))
 
-    def compute_output_shape(self, x_shape, padding_mask_shape=None):
-        return (x_shape[0], 1, x_shape[2]) if self.first_only else x_shape
+    def _dropped(self, x, length, rows, training):
+        """Dropout on x [B,R,d], the `rows` of a [B,length,d] tensor (None: all of them)."""
+        if not training or rows is None:
+            return self.dropout_layer(x, training=training)
+        whole = ops.ones((ops.shape(x)[0], length, ops.shape(x)[2]), x.dtype)
+        return x * gather_rows(self.dropout_layer(whole, training=True), rows)
+
+    def compute_output_shape(self, x_shape, padding_mask_shape=None, rows_shape=None):
+        if self.first_only:
+            return (x_shape[0], 1, x_shape[2])
+        return x_shape if rows_shape is None else (x_shape[0], rows_shape[1], x_shape[2])
 
     def get_config(self) -> dict:
         return {**super().get_config(), "d_model": self.d_model, "num_header": self.num_header,

@@ -18,7 +18,9 @@ class PretrainingModel(keras.Model):
     """Backbone inputs + `masked_positions` [B,P] -> `{"mlm": logits [B,P,V]}` (+ `"nsp"` [B,2]).
 
     A functional model around `backbone`: a masked-LM head scoring with the backbone's own token
-    embedding (tied weights), and a next-sentence head on the pooled output when `use_nsp`. Its
+    embedding (tied weights), and a next-sentence head on the pooled output when `use_nsp`. A
+    backbone built with `output_positions` (as train_bert_lm.py builds it) computes the last
+    block at the masked positions alone: the same model for less work. Its
     config is the backbone's config and `use_nsp`, so a re-created model (`from_config`,
     `keras.saving.load_model`) builds its head around its new backbone's embedding again.
 
@@ -30,11 +32,16 @@ class PretrainingModel(keras.Model):
 
     def __init__(self, backbone: keras.Model, use_nsp: bool = False, **kwargs):
         inputs = backbone_inputs("masked_positions")
-        outputs = backbone({name: inputs[name] for name in INPUT_NAMES})
+        features = {name: inputs[name] for name in INPUT_NAMES}
         embeddings = backbone.get_layer("embeddings")
         head = MaskedLMHead(get_token_embedding(backbone), embeddings.initializer_range,
                             name="mlm_head")
-        results = {"mlm": head(outputs["sequence_output"], inputs["masked_positions"])}
+        if "output_positions" in backbone.input:  # its last block computes these alone
+            outputs = backbone({**features, "output_positions": inputs["masked_positions"]})
+            results = {"mlm": head(outputs["sequence_output"])}
+        else:
+            outputs = backbone(features)
+            results = {"mlm": head(outputs["sequence_output"], inputs["masked_positions"])}
         if use_nsp:
             results["nsp"] = NextSentenceHead(embeddings.d_model, name="nsp_head")(
                 outputs["pooled_output"])
@@ -84,8 +91,8 @@ def build_classifier(backbone: keras.Model, num_labels: int, dropout: float,
 def build_scoring_classifier(config: ModelConfig, num_labels: int, dropout: float,
                              bag_of_words: bool = False) -> keras.Model:
     """`build_classifier` on a new backbone of `config` whose last Transformer block computes the
-    [CLS] position alone: for scoring (predict.py, its export), never for training. It loads a
-    trained classifier's weight file and gives its logits to float rounding."""
+    [CLS] position alone, as the classifiers train: for scoring (predict.py, its export). It
+    loads a trained classifier's weight file, whichever backbone that was trained with."""
     return build_classifier(build_backbone(config, first_position_only=True), num_labels,
                             dropout, bag_of_words)
 

@@ -383,6 +383,84 @@ def test_a_classifier_whose_last_block_computes_cls_alone_scores_the_same(backbo
         fixed, keras.Input(shape=(11,), dtype="int32")).shape[1] == rows
 
 
+def test_a_classifier_whose_last_block_computes_cls_alone_trains_the_same_model(tmp_path):
+    """The classifiers train with the [CLS]-only last block: with the same seeds, a training-mode
+    step draws the dropout masks the whole block would, so logits and every gradient match the
+    whole block's (the other positions' outputs feed nothing)."""
+    config = tiny_config("transformer", dropout=0.3)
+    built = []
+    for first_only in (False, True):
+        keras.utils.set_random_seed(7)  # the same seed generators in both
+        built.append(model.build_classifier(model.build_backbone(config, first_only), 5, 0.3))
+    full, fast = built
+    full.save_weights(str(tmp_path / "classifier.weights.h5"))
+    fast.load_weights(str(tmp_path / "classifier.weights.h5"))
+    ids = random_ids(4, 13)
+    ids[2, 5:] = 0
+    x = inputs_for(ids)
+    (full_logits, full_grads), (fast_logits, fast_grads) = (
+        outputs_and_gradients(net, x, lambda out: tf.reduce_sum(out * np.arange(5.0)))
+        for net in (full, fast))
+    np.testing.assert_allclose(fast_logits, full_logits, atol=1e-5)
+    assert not np.allclose(fast_logits, fast(x, training=False).numpy(), atol=1e-3)  # dropped
+    for variable, expected, got in zip(full.trainable_variables, full_grads, fast_grads):
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=variable.path)
+
+
+def outputs_and_gradients(net: keras.Model, x: dict, loss_of) -> tuple[dict, list]:
+    """A training-mode call of `net` on x; its outputs and the gradients of loss_of(outputs)
+    (arrays; None for a variable the loss does not reach)."""
+    with tf.GradientTape() as tape:
+        outputs = net(x, training=True)
+        loss = loss_of(outputs)
+    gradients = tape.gradient(loss, net.trainable_variables)
+    return outputs, [None if g is None else tf.convert_to_tensor(g).numpy() for g in gradients]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("use_nsp", [False, True])
+def test_a_backbone_computing_the_masked_positions_alone_trains_the_same_model(backbone, use_nsp,
+                                                                              tmp_path):
+    """train_bert_lm.py's backbone (`output_positions`: the Transformer's last block computes
+    [CLS] and the masked positions alone) gives the whole backbone's masked-LM and NSP logits
+    and gradients in training (same seeds, so the same dropout), and saves a weight file that a
+    plain backbone loads strictly."""
+    config = tiny_config(backbone, dropout=0.3)
+    nets = []
+    for output_positions in (False, True):
+        keras.utils.set_random_seed(7)
+        nets.append(model.build_pretraining_model(
+            model.build_backbone(config, output_positions=output_positions), use_nsp))
+    whole, fast = nets
+    whole.save_weights(str(tmp_path / "pretraining.weights.h5"))
+    fast.load_weights(str(tmp_path / "pretraining.weights.h5"))
+    ids = random_ids(4, 13)
+    ids[2, 5:] = 0
+    x = {**inputs_for(ids), "masked_positions": np.array(
+        [[1, 3, 3], [2, 5, 0], [4, 1, 0], [12, 11, 10]], np.int32)}  # repeats, padding's 0
+    x["segment_ids"][:, 7:] = 1
+
+    def loss_of(outputs):
+        weighted = tf.reduce_sum(outputs["mlm"][..., :9] * np.arange(9, dtype=np.float32))
+        return weighted + (tf.reduce_sum(outputs["nsp"] * [1.0, -2.0]) if use_nsp else 0.0)
+
+    (whole_out, whole_grads), (fast_out, fast_grads) = (outputs_and_gradients(net, x, loss_of)
+                                                        for net in nets)
+    assert fast_out["mlm"].shape == (4, 3, 50)
+    for name in whole_out:
+        np.testing.assert_allclose(fast_out[name], whole_out[name], atol=1e-5)
+    for variable, expected, got in zip(whole.trainable_variables, whole_grads, fast_grads):
+        assert (got is None) == (expected is None), variable.path
+        if expected is not None:
+            np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=variable.path)
+    fast.backbone.save_weights(str(tmp_path / "backbone.weights.h5"))
+    write_config(config, tmp_path / "config.json")
+    loaded, _ = model.load_backbone(str(tmp_path / "config.json"),
+                                    str(tmp_path / "backbone.weights.h5"))
+    np.testing.assert_allclose(loaded(inputs_for(ids))["pooled_output"],
+                               whole.backbone(inputs_for(ids))["pooled_output"], atol=1e-5)
+
+
 def write_config(config, path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(config.to_dict(), f)
