@@ -75,12 +75,13 @@ def encoder_flops(batch: int, length: int, d_model: int, num_layer: int, num_hea
                   d_k: int, d_v: int, d_ff: int, last_rows: int | None = None) -> float:
     """Forward matmul FLOPs of the encoder blocks (projections, attention, feed-forward).
     `last_rows`: the positions the last block computes (None: all; ours compute [CLS] and the
-    masked positions alone: keys and values for every position, the rest for those rows)."""
-    keys_values = 2 * d_model * num_header * (d_k + d_v)
-    per_row = (2 * d_model * num_header * d_k + 2 * num_header * d_v * d_model
-               + 2 * length * num_header * (d_k + d_v) + 4 * d_model * d_ff)
+    masked positions alone: the fused query/key/value projection for every position, attention,
+    output projection and feed-forward for those rows)."""
+    projection = 2 * d_model * num_header * (2 * d_k + d_v)
+    per_row = (2 * num_header * d_v * d_model + 2 * length * num_header * (d_k + d_v)
+               + 4 * d_model * d_ff)
     rows = length * (num_layer - 1) + (length if last_rows is None else last_rows)
-    return batch * (length * num_layer * keys_values + rows * per_row)
+    return batch * (length * num_layer * projection + rows * per_row)
 
 
 def textcnn_flops(batch: int, length: int, d_model: int, num_filters: int,

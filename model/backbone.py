@@ -1,4 +1,5 @@
-"""Backbones: a functional keras.Model from the three id inputs to sequence and pooled outputs."""
+"""Backbones: a functional keras.Model from the three id inputs (plus, for a masked-LM head, the
+positions it reads) to sequence and pooled outputs."""
 from __future__ import annotations
 
 import keras
@@ -68,6 +69,9 @@ def build_backbone(config: ModelConfig, first_position_only: bool = False,
     case, so each loads the others' files.
     """
     config.validate()
+    if first_position_only and output_positions:
+        raise ValueError("first_position_only and output_positions each choose the last "
+                         "block's rows: give one of them")
     inputs = backbone_inputs(*(("output_positions",) if output_positions else ()))
     # the last block's rows: [CLS], then the positions asked for
     rows = (ops.concatenate([ops.zeros_like(inputs["output_positions"][:, :1]),

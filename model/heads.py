@@ -1,5 +1,5 @@
-"""Heads: masked LM (one-hot gather + tied output embedding), next sentence, multi-label, and a
-bag-of-words linear model the multi-label classifier may add to its head."""
+"""Heads: masked LM (states at the masked positions + tied output embedding), next sentence,
+multi-label, and a bag-of-words linear model the multi-label classifier may add to its head."""
 from __future__ import annotations
 
 import keras
@@ -24,9 +24,9 @@ def one_hot_gather(sequence_output, positions):
 class MaskedLMHead(keras.layers.Layer):
     """Scores every vocabulary token at the masked positions.
 
-    Gathers the states (one-hot gather), transforms them (dense + GELU + LayerNorm) and scores
-    them against the token-embedding matrix it shares with the backbone, plus a bias. No dropout
-    on the logits (the original's mistake).
+    Gathers the states (one-hot gather) unless given them, transforms them (dense + GELU +
+    LayerNorm) and scores them against the token-embedding matrix it shares with the backbone,
+    plus a bias. No dropout on the logits (the original's mistake).
     Call: `(sequence_output [B,T,d], masked_positions [B,P])` -> logits `[B,P,vocab_size]`;
     without `masked_positions`, sequence_output [B,P,d] holds the masked positions' states (a
     backbone built with `output_positions` gives them).

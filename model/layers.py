@@ -84,8 +84,9 @@ class AttentionDropout(keras.layers.Layer):
     (20M elements a layer at batch 64, length 200) generating them was about a tenth of a
     Transformer training step on a CPU. Here every 32-bit word gives two 16-bit draws, so the
     rate is rounded to a multiple of 1/65,536 (0.1 -> 0.100006); the masked-LM step runs 1.15x
-    faster (benchmarks/results/speed.md). Call: `(x, training)` -> x with each element zeroed
-    with probability `rate` and the others scaled by 1 / (1 - rate) while training.
+    faster (benchmarks/results/speed.md). Call: `(x, training, rows=None)` -> x with each
+    element zeroed with probability `rate` and the others scaled by 1 / (1 - rate) while
+    training (`rows`: see `call`).
     """
 
     LEVELS = 1 << 16

@@ -20,7 +20,7 @@ class PretrainingModel(keras.Model):
     A functional model around `backbone`: a masked-LM head scoring with the backbone's own token
     embedding (tied weights), and a next-sentence head on the pooled output when `use_nsp`. A
     backbone built with `output_positions` (as train_bert_lm.py builds it) computes the last
-    block at the masked positions alone: the same model for less work. Its
+    block at [CLS] and the masked positions alone: the same model for less work. Its
     config is the backbone's config and `use_nsp`, so a re-created model (`from_config`,
     `keras.saving.load_model`) builds its head around its new backbone's embedding again.
 

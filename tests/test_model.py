@@ -173,10 +173,14 @@ def re_create(pretrainer: keras.Model, route: str, directory) -> keras.Model:
 
 
 @pytest.mark.parametrize("route", ["config", "keras_file"])
-def test_a_re_created_pretraining_model_scores_with_its_own_token_embedding(route, tmp_path):
+@pytest.mark.parametrize("output_positions", [False, True])
+def test_a_re_created_pretraining_model_scores_with_its_own_token_embedding(route,
+                                                                           output_positions,
+                                                                           tmp_path):
     """The head of a re-created model follows its backbone's embedding, not a copy of it."""
-    pretrainer = model.build_pretraining_model(model.build_backbone(tiny_config("transformer")),
-                                               use_nsp=True)
+    pretrainer = model.build_pretraining_model(
+        model.build_backbone(tiny_config("transformer"), output_positions=output_positions),
+        use_nsp=True)
     again = re_create(pretrainer, route, tmp_path)
     head = again.get_layer("mlm_head")
     embedding = model.get_token_embedding(again.get_layer("backbone"))
@@ -453,6 +457,8 @@ def test_a_backbone_computing_the_masked_positions_alone_trains_the_same_model(b
         assert (got is None) == (expected is None), variable.path
         if expected is not None:
             np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=variable.path)
+    with pytest.raises(ValueError, match="give one of them"):
+        model.build_backbone(config, first_position_only=True, output_positions=True)
     fast.backbone.save_weights(str(tmp_path / "backbone.weights.h5"))
     write_config(config, tmp_path / "config.json")
     loaded, _ = model.load_backbone(str(tmp_path / "config.json"),
@@ -533,6 +539,18 @@ def test_mixed_bfloat16_keeps_weights_logits_and_weight_files_float32(backbone, 
     assert {w.dtype for w in loaded.weights} == {"float32"}
     pooled = loaded(inputs_for(ids))["pooled_output"].numpy()
     np.testing.assert_allclose(pooled, mixed_pooled.astype(np.float32), atol=0.1, rtol=0.05)
+    train_util.set_precision("bfloat16")
+    # as the scripts build them: the last block computes the rows the head reads
+    fast = model.build_pretraining_model(model.build_backbone(config, output_positions=True),
+                                         use_nsp=True)
+    model.compile_pretraining_model(fast, keras.optimizers.Adam(1e-3), True)
+    assert {o.dtype for o in fast(x).values()} == {tf.float32}
+    assert np.isfinite(fast.train_on_batch(x, {"mlm": ids[:, 1:3], "nsp": np.array([0, 1, 0, 1])},
+                                           return_dict=True)["loss"])
+    classifier = model.build_classifier(model.build_backbone(config, first_position_only=True),
+                                        3, 0.1)
+    model.compile_classifier(classifier, keras.optimizers.Adam(1e-3))
+    assert np.isfinite(classifier.train_on_batch(inputs_for(ids), np.eye(3)[[0, 1, 2, 0]]))
 
 
 @pytest.mark.slow
@@ -549,11 +567,17 @@ def test_trains_a_step_with_and_without_xla(backbone):
     x = {**inputs_for(ids), "masked_positions": np.array([[1, 2]] * 4, np.int32)}
     y = {"mlm": ids[:, 1:3], "nsp": np.array([0, 1, 0, 1], np.int32)}
     for jit in (False, True):
-        pretrainer = model.build_pretraining_model(model.build_backbone(tiny_config(backbone)),
-                                                   use_nsp=True)
-        model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(1e-3), True, jit)
-        logs = pretrainer.train_on_batch(x, y, return_dict=True)
-        assert np.isfinite(logs["loss"]) and "mlm_accuracy" in logs and "nsp_accuracy" in logs
+        for output_positions in (False, True):
+            pretrainer = model.build_pretraining_model(
+                model.build_backbone(tiny_config(backbone), output_positions=output_positions),
+                use_nsp=True)
+            model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(1e-3), True, jit)
+            logs = pretrainer.train_on_batch(x, y, return_dict=True)
+            assert np.isfinite(logs["loss"]) and "mlm_accuracy" in logs and "nsp_accuracy" in logs
+        classifier = model.build_classifier(
+            model.build_backbone(tiny_config(backbone), first_position_only=True), 3, 0.1)
+        model.compile_classifier(classifier, keras.optimizers.Adam(1e-3), jit)
+        assert np.isfinite(classifier.train_on_batch(inputs_for(ids), np.eye(3)[[0, 1, 2, 0]]))
 
 
 def test_training_batches_group_lengths_and_cover_every_example_once():
