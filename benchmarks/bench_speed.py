@@ -144,22 +144,26 @@ def repeat(element) -> tf.data.Dataset:
 
 
 def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False,
-            precision: str = "off"):
+            precision: str = "off", num_layer: int | None = None, rows_only: bool = True):
     """Our model and its data at the benchmark shape; `precision` is a --mixed_precision value,
-    in force while the model is built (a layer keeps the policy it was built under)."""
+    in force while the model is built (a layer keeps the policy it was built under).
+    `num_layer`: another depth than the preset's; `rows_only`: the last block computes only the
+    rows the head reads, as the scripts train (False: the whole block)."""
     batch = synthetic_batch()
     train_util.set_precision(precision)
     config = model.config_from_preset("small", backbone=backbone, vocab_size=VOCAB,
                                       max_position=512)
+    config.num_layer = num_layer or config.num_layer
     optimizer = keras.optimizers.AdamW(1e-4)
     if task == "mlm":
-        net = model.build_pretraining_model(model.build_backbone(config, output_positions=True))
+        net = model.build_pretraining_model(
+            model.build_backbone(config, output_positions=rows_only))
         model.compile_pretraining_model(net, optimizer, jit_compile=jit_compile)
         data = repeat(({**backbone_inputs(batch), "masked_positions": batch["masked_positions"]},
                        {"mlm": batch["masked_ids"]}))
     else:
-        net = model.build_classifier(model.build_backbone(config, first_position_only=True),
-                                     LABELS, 0.1)  # as the classifier scripts train
+        net = model.build_classifier(model.build_backbone(config, first_position_only=rows_only),
+                                     LABELS, 0.1)
         model.compile_classifier(net, optimizer, jit_compile=jit_compile)
         data = repeat((backbone_inputs(batch), batch["labels"]))
     train_util.set_precision("off")

@@ -20,33 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_speed  # noqa: E402
-import model  # noqa: E402
-
-
-def training_arm(task: str, num_layer: int, rows_only: bool):
-    """(model, data) of one arm: the masked LM ("mlm") or the classifier ("cls")."""
-    config = model.config_from_preset("small", backbone="transformer",
-                                      vocab_size=bench_speed.VOCAB, max_position=512)
-    config.num_layer = num_layer
-    batch = bench_speed.synthetic_batch()
-    features = bench_speed.backbone_inputs(batch)
-    optimizer = keras.optimizers.AdamW(1e-4)
-    if task == "mlm":
-        net = model.build_pretraining_model(
-            model.build_backbone(config, output_positions=rows_only))
-        model.compile_pretraining_model(net, optimizer)
-        data = ({**features, "masked_positions": batch["masked_positions"]},
-                {"mlm": batch["masked_ids"]})
-    else:
-        net = model.build_classifier(model.build_backbone(config, first_position_only=rows_only),
-                                     bench_speed.LABELS, 0.1)
-        model.compile_classifier(net, optimizer)
-        data = (features, batch["labels"])
-    return net, bench_speed.repeat(data)
 
 
 def main() -> None:
@@ -59,8 +35,8 @@ def main() -> None:
     print(f"machine: {bench_speed.cpu_name()}", flush=True)
     for task in args.tasks.split(","):
         for num_layer in (int(n) for n in args.layers.split(",")):
-            arms = {"whole": training_arm(task, num_layer, False),
-                    "rows": training_arm(task, num_layer, True)}
+            arms = {"whole": bench_speed.our_arm(task, num_layer=num_layer, rows_only=False),
+                    "rows": bench_speed.our_arm(task, num_layer=num_layer, rows_only=True)}
             rates = bench_speed.interleaved_throughput(arms, args.steps, args.repeats)
             ratios = [rows / whole for whole, rows in zip(rates["whole"], rates["rows"])]
             print(f"{task} layers={num_layer}: whole block {np.median(rates['whole']):.1f} seq/s, "
