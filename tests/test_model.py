@@ -392,13 +392,9 @@ def test_a_classifier_whose_last_block_computes_cls_alone_trains_the_same_model(
     step draws the dropout masks the whole block would, so logits and every gradient match the
     whole block's (the other positions' outputs feed nothing)."""
     config = tiny_config("transformer", dropout=0.3)
-    built = []
-    for first_only in (False, True):
-        keras.utils.set_random_seed(7)  # the same seed generators in both
-        built.append(model.build_classifier(model.build_backbone(config, first_only), 5, 0.3))
-    full, fast = built
-    full.save_weights(str(tmp_path / "classifier.weights.h5"))
-    fast.load_weights(str(tmp_path / "classifier.weights.h5"))
+    full, fast = seeded_twins(
+        lambda rows_only: model.build_classifier(model.build_backbone(config, rows_only), 5, 0.3),
+        tmp_path)
     ids = random_ids(4, 13)
     ids[2, 5:] = 0
     x = inputs_for(ids)
@@ -409,6 +405,18 @@ def test_a_classifier_whose_last_block_computes_cls_alone_trains_the_same_model(
     assert not np.allclose(fast_logits, fast(x, training=False).numpy(), atol=1e-3)  # dropped
     for variable, expected, got in zip(full.trainable_variables, full_grads, fast_grads):
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=variable.path)
+
+
+def seeded_twins(build, directory) -> list[keras.Model]:
+    """build(False) and build(True) (whole last block, rows alone), made under the same seeds
+    (so their dropout layers draw alike) and holding the same weights."""
+    nets = []
+    for rows_only in (False, True):
+        keras.utils.set_random_seed(7)
+        nets.append(build(rows_only))
+    nets[0].save_weights(str(directory / "twin.weights.h5"))
+    nets[1].load_weights(str(directory / "twin.weights.h5"))
+    return nets
 
 
 def outputs_and_gradients(net: keras.Model, x: dict, loss_of) -> tuple[dict, list]:
@@ -430,14 +438,9 @@ def test_a_backbone_computing_the_masked_positions_alone_trains_the_same_model(b
     and gradients in training (same seeds, so the same dropout), and saves a weight file that a
     plain backbone loads strictly."""
     config = tiny_config(backbone, dropout=0.3)
-    nets = []
-    for output_positions in (False, True):
-        keras.utils.set_random_seed(7)
-        nets.append(model.build_pretraining_model(
-            model.build_backbone(config, output_positions=output_positions), use_nsp))
+    nets = seeded_twins(lambda rows_only: model.build_pretraining_model(
+        model.build_backbone(config, output_positions=rows_only), use_nsp), tmp_path)
     whole, fast = nets
-    whole.save_weights(str(tmp_path / "pretraining.weights.h5"))
-    fast.load_weights(str(tmp_path / "pretraining.weights.h5"))
     ids = random_ids(4, 13)
     ids[2, 5:] = 0
     x = {**inputs_for(ids), "masked_positions": np.array(
