@@ -1,11 +1,12 @@
 """The scripts' edge: their shared flags, the checks on them, the settings they become, and the
-one-line errors a user sees. Only the top-level scripts import this module; the library modules
+one-line errors a user sees. Only the top-level scripts import this module (and the speed
+benchmarks, to run under the scripts' TensorFlow runtime); the library modules
 below it (classifier_task, pretrain_task, train_util, data_util_hdf5, run_directory, model/)
 take plain values, so a notebook or a test calls them without absl.
 
 Import it before anything that loads TensorFlow: it keeps TensorFlow's C++ start-up lines (CUDA
 stubs, CPU features, oneDNN) and its per-epoch INFO lines off the terminal unless
---verbosity=1 or higher asks for them.
+--verbosity=1 or higher asks for them, and it makes TensorFlow pool its CPU memory (below).
 """
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def _load_tensorflow_quietly() -> None:
             os.close(saved)
 
 
+# TensorFlow's CPU allocator hands every tensor to malloc, which gives a large one (an attention
+# score tensor is 82 MB at batch 64, length 200) back to the system when it is freed, so each step
+# page-faults all of its memory in again: where the kernel does not back it with huge pages, up
+# to half of a training process's time went to the kernel. TensorFlow's BFC pool keeps freed
+# memory for the next step (masked LM 1.6x; benchmarks/compare_allocator.py). Read by
+# TensorFlow when it makes its CPU allocator, so it is set before anything runs; a user's own
+# TF_CPU_ALLOCATOR_USE_BFC=false wins.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 if "tensorflow" not in sys.modules and _verbosity_asked(sys.argv) < 1:
     _load_tensorflow_quietly()
 

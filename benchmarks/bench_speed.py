@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# first, as the scripts do: their TensorFlow runtime (quiet start-up, CPU memory pooled), so the
+# figures are what a user of them sees; both projects' arms run under it
+import cli  # noqa: E402,F401
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -3,6 +3,7 @@ bench_speed.py's shape, its host trace summed by op type.
 
     python benchmarks/profile_step.py                       # masked LM, Transformer small
     python benchmarks/profile_step.py --task=cls --steps=4
+    python benchmarks/profile_step.py --precision=bfloat16  # as --mixed_precision=bfloat16
 
 Prints the op types by their share of the traced op time (ops run on 2 threads, so shares, not
 wall time), then the top op names. A diagnostic for choosing the next speed change, not a
@@ -56,8 +57,10 @@ def main() -> None:
     parser.add_argument("--backbone", default="transformer", choices=["transformer", "textcnn"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--precision", default="off", choices=["off", "bfloat16"],
+                        help="the scripts' --mixed_precision value the model is built under")
     args = parser.parse_args()
-    net, data = bench_speed.our_arm(args.task, args.backbone)
+    net, data = bench_speed.our_arm(args.task, args.backbone, precision=args.precision)
     net.fit(data, steps_per_epoch=2, epochs=1, verbose=0)  # trace and warm up
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
@@ -65,7 +68,7 @@ def main() -> None:
         tf.profiler.experimental.stop()
         by_type, by_name = traced_ops(logdir)
     total = sum(by_type.values()) or 1.0
-    print(f"{args.task} {args.backbone}: {args.steps} steps, {total / 1e3:.0f} ms of op time")
+    print(f"{args.task} {args.backbone} ({args.precision}): {args.steps} steps, {total / 1e3:.0f} ms of op time")
     for title, counts in (("op type", by_type), ("op name", by_name)):
         print(f"\n{title:70s} ms/step   share")
         for name, micros in counts.most_common(args.top):
