@@ -57,9 +57,9 @@ def _load_tensorflow_quietly() -> None:
 
 # TensorFlow's CPU allocator hands every tensor to malloc, which gives a large one (an attention
 # score tensor is 82 MB at batch 64, length 200) back to the system when it is freed, so each step
-# page-faults all of its memory in again: where the kernel does not back it with huge pages, up
-# to half of a training process's time went to the kernel. TensorFlow's BFC pool keeps freed
-# memory for the next step (masked LM 1.6x; benchmarks/compare_allocator.py). Read by
+# page-faults all of its memory in again: where the kernel does not back it with huge pages, a
+# third to nearly half of a training process's time went to the kernel. TensorFlow's BFC pool
+# keeps freed memory for the next step (masked LM 1.65x; benchmarks/compare_allocator.py). Read by
 # TensorFlow when it makes its CPU allocator, so it is set before anything runs; a user's own
 # TF_CPU_ALLOCATOR_USE_BFC=false wins.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")

@@ -9,8 +9,8 @@ the runs taking turns (ours malloc, ours pool, keras-hub malloc, keras-hub pool,
 machine switches between speed modes, so only neighbours compare). Each child builds one arm,
 warms it up, times --steps training steps and reports its sequences a second, the user and
 kernel CPU seconds, the page faults a step and its peak resident memory. Ratios are medians of
-the per-round ratios. The last line a task:
-`allocator task=.. ours_pool_vs_malloc=.. keras_hub_pool_vs_malloc=.. ours_pool_vs_keras_hub_malloc=..`.
+the per-round ratios. The last line a task: `allocator task=.. ours_pool_vs_malloc=..
+keras_hub_pool_vs_malloc=.. ours_pool_vs_keras_hub_malloc=.. ours_vs_keras_hub_both_pool=..`.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def run_child(task: str, arm: str, allocator: str, steps: int) -> dict:
                              f"--arm={arm}", f"--steps={steps}"],
                             env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        sys.exit(f"error: the {arm} {task} child under {allocator} failed:\n{result.stderr[-2000:]}")
+        sys.exit(f"error: the {arm} {task} child under {allocator} failed:\n"
+                 f"{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -78,9 +79,10 @@ def compare(task: str, steps: int, repeats: int) -> None:
     for name in names:
         median = {key: float(np.median([r[key] for r in runs[name]]))
                   for key in ("seq_s", "user_s", "kernel_s", "faults_a_step", "peak_rss_mib")}
+        kernel_share = median["kernel_s"] / (median["user_s"] + median["kernel_s"])
         print(f"{task} {name[0]:9s} {name[1]:6s}: {median['seq_s']:.1f} seq/s (median; best "
-              f"{rates(name).max():.1f}), kernel {median['kernel_s'] / (median['user_s'] + median['kernel_s']):.0%} "
-              f"of CPU time, {median['faults_a_step']:,.0f} page faults a step, peak "
+              f"{rates(name).max():.1f}), kernel {kernel_share:.0%} of CPU time, "
+              f"{median['faults_a_step']:,.0f} page faults a step, peak "
               f"{median['peak_rss_mib']:,.0f} MiB", flush=True)
     ours = np.median(rates(("ours", "pool")) / rates(("ours", "malloc")))
     theirs = np.median(rates(("keras_hub", "pool")) / rates(("keras_hub", "malloc")))

@@ -68,7 +68,8 @@ def main() -> None:
         tf.profiler.experimental.stop()
         by_type, by_name = traced_ops(logdir)
     total = sum(by_type.values()) or 1.0
-    print(f"{args.task} {args.backbone} ({args.precision}): {args.steps} steps, {total / 1e3:.0f} ms of op time")
+    print(f"{args.task} {args.backbone} ({args.precision}): {args.steps} steps, "
+          f"{total / 1e3:.0f} ms of op time")
     for title, counts in (("op type", by_type), ("op name", by_name)):
         print(f"\n{title:70s} ms/step   share")
         for name, micros in counts.most_common(args.top):
