@@ -53,7 +53,7 @@ def child(task: str, arm: str, steps: int) -> None:
 
 
 def run_child(task: str, arm: str, allocator: str, steps: int) -> dict:
-    env = {**os.environ, ALLOCATOR_ENV: ALLOCATORS[allocator], "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, ALLOCATOR_ENV: ALLOCATORS[allocator]}
     result = subprocess.run([sys.executable, __file__, "--child", f"--tasks={task}",
                              f"--arm={arm}", f"--steps={steps}"],
                             env=env, capture_output=True, text=True, check=False)
