@@ -136,7 +136,9 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
                       "backbone only: on a 2-core AVX512_BF16 CPU it trained the TextCNN "
                       "1.20-1.23x and the Transformer 1.27-1.37x faster (two runs, "
                       "benchmarks/results/speed.md). Worth trying there and on TPUs and Ampere "
-                      "or later GPUs. Weight files are float32 either way.")
+                      "or later GPUs; on a CPU without bfloat16 instructions (AVX2 only) it ran "
+                      "0.23-0.87x as fast (benchmarks/results/speed_zen3.md), and the scripts "
+                      "warn. Weight files are float32 either way.")
     flags.DEFINE_integer("seed", 42, "Random seed for splits, initialisation, shuffling, masking.")
     flags.DEFINE_boolean("overwrite", False, "Replace what the run directory holds: a finished "
                          "run, or an unfinished one made with other data or settings. Without "
@@ -274,6 +276,12 @@ def start_run() -> tuple[train_util.Timer, tf.distribute.Strategy]:
     timer = train_util.Timer()
     keras.utils.set_random_seed(FLAGS.seed)
     policy = train_util.set_precision(FLAGS.mixed_precision)
+    on_accelerator = bool(tf.config.list_logical_devices("GPU")) or \
+        FLAGS.distribution_strategy == "tpu"
+    warning = train_util.slow_precision_warning(FLAGS.mixed_precision, train_util.cpu_flags(),
+                                                on_accelerator)
+    if warning:
+        print(warning, file=sys.stderr)
     strategy = train_util.get_distribution_strategy(FLAGS.distribution_strategy)
     print(f"distribution: {FLAGS.distribution_strategy}, "
           f"num_replicas_in_sync={strategy.num_replicas_in_sync}, dtype policy: {policy}")

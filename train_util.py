@@ -26,6 +26,31 @@ def set_precision(name: str) -> str:
     return PRECISIONS[name]
 
 
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (avx2, avx512_bf16 ...) as the kernel lists them, or None where
+    it does not (not Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def slow_precision_warning(precision: str, flags: set[str] | None, on_accelerator: bool) -> str:
+    """A one-line warning when --mixed_precision=bfloat16 is asked for on a CPU that has no
+    bfloat16 instructions (it then runs slower than float32), else ''."""
+    if precision != "bfloat16" or on_accelerator or flags is None:
+        return ""
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return ""
+    return ("warning: --mixed_precision=bfloat16 on a CPU without bfloat16 instructions "
+            "(no avx512_bf16 or amx_bf16 in /proc/cpuinfo) trained 0.23-0.87x as fast as "
+            "float32 in benchmarks/results/speed_zen3.md; --mixed_precision=off is faster here")
+
+
 def get_distribution_strategy(name: str) -> tf.distribute.Strategy:
     """Map the --distribution_strategy flag to a tf.distribute strategy (one_device = no-op)."""
     if name == "one_device":

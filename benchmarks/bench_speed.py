@@ -51,8 +51,7 @@ def cpu_name() -> str:
         info = f.read()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
                  if line.startswith("model name")), "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
-                  if line.startswith("flags")), [])
+    flags = train_util.cpu_flags() or set()
     vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name}, {os.cpu_count()} cores, {'/'.join(vector) or 'no AVX2'}"
 

@@ -319,3 +319,17 @@ def test_summary_line_is_grep_able(capsys):
     line = train_util.summary_line("fine_tune", test_f1=0.83456, epochs=2, ckpt_dir="runs/ft")
     assert line == "fine_tune test_f1=0.8346 epochs=2 ckpt_dir=runs/ft"
     assert capsys.readouterr().out.strip() == line
+
+
+def test_bfloat16_on_a_cpu_without_its_instructions_is_warned_about(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    avx2_only = train_util.cpu_flags(str(cpuinfo))
+    assert avx2_only == {"fpu", "sse2", "avx", "avx2", "fma"}
+    warning = train_util.slow_precision_warning("bfloat16", avx2_only, on_accelerator=False)
+    assert "--mixed_precision=off" in warning and "\n" not in warning
+    assert not train_util.slow_precision_warning("off", avx2_only, on_accelerator=False)
+    assert not train_util.slow_precision_warning("bfloat16", avx2_only, on_accelerator=True)
+    assert not train_util.slow_precision_warning("bfloat16", avx2_only | {"avx512_bf16"}, False)
+    assert not train_util.slow_precision_warning("bfloat16", None, False)  # flags unknown
+    assert train_util.cpu_flags(str(tmp_path / "missing")) is None
