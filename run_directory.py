@@ -364,10 +364,22 @@ def _decide(run: Run, fingerprint: dict, overwrite: bool, flag: str, test_run: b
                        "--overwrite=True to replace it, or choose another directory")
     saved = manifest.get("fingerprint", {})
     changed = sorted(k for k in set(fingerprint) | set(saved) if fingerprint.get(k) != saved.get(k))
-    listed = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    listed = "; ".join(_difference(k, saved, fingerprint) for k in changed[:6]) + \
+        (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
     raise RunError(f"{flag}={run.path} holds an unfinished run made with other data or settings "
-                   f"({listed} differ); rerun its original command to resume it, "
+                   f"({listed}); rerun its original command to resume it, "
                    "pass --overwrite=True to start afresh, or choose another directory")
+
+
+def _difference(key: str, then: dict, now: dict) -> str:
+    """One setting of a refused resume, with both values where they are short enough to read
+    (so the user sees which flag value would resume it)."""
+    if key not in then:
+        return f"{key}: not recorded (the run began under an older version)"
+    if key not in now:
+        return f"{key}: no longer a setting"
+    before, after = repr(then[key]), repr(now[key])
+    return f"{key}: {before} then, {after} now" if len(before + after) <= 40 else f"{key}: changed"
 
 
 def _describe(manifest: dict) -> str:

@@ -31,8 +31,13 @@ def test_fresh_then_resume_then_refuse_other_settings(tmp_path):
     run.release()
     with pytest.raises(run_directory.RunError,
                        match=r"unfinished run made with other data or settings "
-                             r"\(data differ\).*--overwrite=True"):
+                             r"\(data: 'a' then, 'b' now\).*--overwrite=True"):
         open_run(tmp_path / "r", {"data": "b", "test_mode": False})
+    with pytest.raises(run_directory.RunError,
+                       match=r"\(data: 'a' then, 'b' now; learning_rate: not recorded \(the "
+                             r"run began under an older version\); "
+                             r"test_mode: no longer a setting\)"):
+        open_run(tmp_path / "r", {"data": "b", "learning_rate": 0.001})
     assert not os.path.exists(tmp_path / "r" / run_directory.LOCK), "a refused run keeps no lock"
 
 
