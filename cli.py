@@ -276,13 +276,15 @@ def start_run() -> tuple[train_util.Timer, tf.distribute.Strategy]:
     timer = train_util.Timer()
     keras.utils.set_random_seed(FLAGS.seed)
     policy = train_util.set_precision(FLAGS.mixed_precision)
+    # the strategy first: a multi-worker one must configure TensorFlow before anything lists
+    # its devices
+    strategy = train_util.get_distribution_strategy(FLAGS.distribution_strategy)
     on_accelerator = bool(tf.config.list_logical_devices("GPU")) or \
         FLAGS.distribution_strategy == "tpu"
     warning = train_util.slow_precision_warning(FLAGS.mixed_precision, train_util.cpu_flags(),
                                                 on_accelerator)
     if warning:
         print(warning, file=sys.stderr)
-    strategy = train_util.get_distribution_strategy(FLAGS.distribution_strategy)
     print(f"distribution: {FLAGS.distribution_strategy}, "
           f"num_replicas_in_sync={strategy.num_replicas_in_sync}, dtype policy: {policy}")
     return timer, strategy
