@@ -10,7 +10,8 @@ BertTextClassifier built with the same sizes. Training arms run in one process a
 (A, B, C, A, B, C ...): this machine switches between speed modes, so only runs side by side
 compare; every ratio is the median of the per-round ratios. MFU = the model's matmul FLOPs
 (counted from the shapes, backward = 2x forward) per second over the fp32 matmul peak measured
-in the same run. Writes benchmarks/results/speed.md and speed.json; the last line is the summary.
+in the same run. Writes benchmarks/results/speed.md and speed.json (--report names them: the AVX2
+machine's are speed_zen3.md and .json); the last line is the summary.
 """
 from __future__ import annotations
 
@@ -352,10 +353,15 @@ def main() -> None:
                         help="also time our models in mixed precision (--mixed_precision="
                              "bfloat16); worth it where the CPU has AVX512_BF16 or AMX")
     parser.add_argument("--rewrite_report", action="store_true",
-                        help="only rewrite speed.md from speed.json (after a change to the report)")
+                        help="only rewrite the report's .md from its .json (after a change to the "
+                             "report)")
+    parser.add_argument("--report", default="speed",
+                        help="file name of the report under benchmarks/results/, without .md or "
+                             ".json: one a machine (speed: AVX-512, speed_zen3: AVX2)")
     args = parser.parse_args()
     if args.rewrite_report:
-        return write_report(json.loads((RESULTS / "speed.json").read_text()))
+        return write_report(json.loads((RESULTS / f"{args.report}.json").read_text()),
+                            args.report)
     repeats = 3 if args.quick else 5
     results = {"machine": cpu_name(), "shape": {**SHAPE, "batch": BATCH, "length": LENGTH,
                                                 "masked": MASKED, "vocab": VOCAB,
@@ -408,7 +414,7 @@ def main() -> None:
     results["input_seq_s"] = pretraining_input_rate()
     results["input_ratio"] = results["input_seq_s"] / results["mlm"]["ours"]["best"]
     results.update(inference_sections())
-    write_report(results)
+    write_report(results, args.report)
 
 
 def inference_sections() -> dict:
@@ -417,9 +423,11 @@ def inference_sections() -> dict:
                 "predict": predict_rate(workdir)}
 
 
-def write_report(results: dict) -> None:
+def write_report(results: dict, name: str = "speed") -> None:
+    """benchmarks/results/`name`.json and `name`.md (the notes written below the .md's summary
+    block by hand are kept)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(results, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     mlm, cls, peak = results["mlm"], results["cls"], results["peak_gflops"]
     inference = results["inference"]
     lines = [
@@ -492,7 +500,7 @@ def write_report(results: dict) -> None:
         *((("mlm_bf16_vs_keras_hub", f"{mlm['ours_bf16']['vs_keras_hub']:.2f}"),
            ("cls_bf16_vs_keras_hub", f"{cls['ours_bf16']['vs_keras_hub']:.2f}"),
            ("mfu_bf16", f"{mlm['ours_bf16']['mfu_bf16']:.2f}")) if "ours_bf16" in mlm else ()))))
-    report = RESULTS / "speed.md"
+    report = RESULTS / f"{name}.md"
     # what was written by hand after the summary block (notes on the run) is kept
     notes = report.read_text().split("```\n", 2)[2] if report.exists() and \
         report.read_text().count("```\n") >= 2 else ""
