@@ -146,17 +146,20 @@ def repeat(element) -> tf.data.Dataset:
 
 
 def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False,
-            precision: str = "off", num_layer: int | None = None, rows_only: bool = True):
+            precision: str = "off", num_layer: int | None = None, rows_only: bool = True,
+            bag_of_words: bool = False, optimizer: keras.optimizers.Optimizer | None = None):
     """Our model and its data at the benchmark shape; `precision` is a --mixed_precision value,
     in force while the model is built (a layer keeps the policy it was built under).
     `num_layer`: another depth than the preset's; `rows_only`: the last block computes only the
-    rows the head reads, as the scripts train (False: the whole block)."""
+    rows the head reads, as the scripts train (False: the whole block); `bag_of_words`: the
+    classifier's bag-of-words model too, as the scripts train it; `optimizer`: another than a
+    plain AdamW."""
     batch = synthetic_batch()
     train_util.set_precision(precision)
     config = model.config_from_preset("small", backbone=backbone, vocab_size=VOCAB,
                                       max_position=512)
     config.num_layer = num_layer or config.num_layer
-    optimizer = keras.optimizers.AdamW(1e-4)
+    optimizer = optimizer or keras.optimizers.AdamW(1e-4)
     if task == "mlm":
         net = model.build_pretraining_model(
             model.build_backbone(config, output_positions=rows_only))
@@ -165,7 +168,7 @@ def our_arm(task: str, backbone: str = "transformer", jit_compile: bool = False,
                        {"mlm": batch["masked_ids"]}))
     else:
         net = model.build_classifier(model.build_backbone(config, first_position_only=rows_only),
-                                     LABELS, 0.1)
+                                     LABELS, 0.1, bag_of_words)
         model.compile_classifier(net, optimizer, jit_compile=jit_compile)
         data = repeat((backbone_inputs(batch), batch["labels"]))
     train_util.set_precision("off")

@@ -20,21 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_speed  # noqa: E402  (first: the scripts' TensorFlow runtime, see cli.py)
-import model  # noqa: E402
 import train_util  # noqa: E402
 
 
 def classifier_arm(backbone: str, averaged: bool):
-    """The scripts' classifier at the benchmark shape and its repeated synthetic batch."""
-    batch = bench_speed.synthetic_batch()
-    config = model.config_from_preset("small", backbone=backbone, vocab_size=bench_speed.VOCAB,
-                                      max_position=512)
-    net = model.build_classifier(model.build_backbone(config, first_position_only=True),
-                                 bench_speed.LABELS, 0.1, bag_of_words=True)
+    """The scripts' classifier (bag-of-words model included) at the benchmark shape, on the
+    scripts' optimiser, and its repeated synthetic batch."""
     optimizer = train_util.make_optimizer(1e-4, 10_000, 100,
                                           average_momentum=0.99 if averaged else None)
-    model.compile_classifier(net, optimizer)
-    return net, bench_speed.repeat((bench_speed.backbone_inputs(batch), batch["labels"]))
+    return bench_speed.our_arm("cls", backbone, bag_of_words=True, optimizer=optimizer)
 
 
 def main() -> None:
