@@ -170,6 +170,9 @@ def catalogue(shared: dict) -> list[Case]:
              [*lm_flags, "--distribution_strategy=tpu", "--ckpt_dir={tmp}/lm"], "no TPU"),
         Case("not a run directory", "predict.py", ["--ckpt_dir={tmp}"],
              "is not a run directory"),
+        Case("--export_jit_compile without --export_dir", "predict.py",
+             [f"--ckpt_dir={ft}", "--export_jit_compile=True"],
+             "--export_jit_compile=True compiles an export: give --export_dir as well"),
     ]
     if can_mount_tmpfs():
         cases += [
