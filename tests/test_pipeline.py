@@ -160,7 +160,8 @@ def test_predict_labels_stdin_and_exports(fine_tuned, tmp_path, sample_data):
         chosen = model.predict_labels(probs, thresholds)
         assert [sorted(json.loads(line)["labels"]) for line in out] == [
             sorted(labels[i] for i in np.flatnonzero(row)) for row in chosen]
-    # a missing run directory and --export_jit_compile without --export_dir: bench_robustness
+    # a missing run directory and --export_jit_compile without --export_dir are cases of
+    # bench_robustness's catalogue, which test_hostile_input_ends_in_one_line runs
     gbk_stdin = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"),
                                 f"--ckpt_dir={run_dir}"], input="北京\n".encode("gb18030"),
                                capture_output=True, cwd=ROOT, timeout=600)
