@@ -276,27 +276,34 @@ def judge(case: Case, returncode: int, stderr: str) -> dict:
 # Several command lines of one script in one process, each through the script's own guarded
 # main with its flags parsed afresh: the same exit status and error line a user gets, without
 # paying TensorFlow's import once a case (the test suite runs the catalogue this way).
+# The cases of each script run one after another in one fork (tools/script_forks.py) of this
+# child: {script module: [argv, ...]} on stdin, {script module: [outcome, ...]} on stdout
 _BATCH_DRIVER = """
-import contextlib, importlib, io, json, sys, traceback
-sys.path.insert(0, {root!r})
-from absl import flags
-import cli
-script = importlib.import_module({module!r})
-results = []
-for argv in json.loads(sys.stdin.read()):
-    flags.FLAGS.unparse_flags()
-    captured, code = io.StringIO(), 0
-    with contextlib.redirect_stderr(captured):
-        try:
-            flags.FLAGS([{module!r} + ".py", *argv])
-            cli.guard(script.main)([{module!r}])
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results.append({{"returncode": code, "stderr": captured.getvalue()}})
-print("BATCH_RESULTS " + json.dumps(results))
+import contextlib, io, json, sys, traceback
+sys.path[:0] = [{root!r}, {tools!r}]
+import script_forks
+argvs_by_module = json.loads(sys.stdin.read())
+
+def run_all(script):
+    from absl import flags
+    import cli
+    outcomes = []
+    for argv in argvs_by_module[script.__name__]:
+        flags.FLAGS.unparse_flags()
+        captured, code = io.StringIO(), 0
+        with contextlib.redirect_stderr(captured):
+            try:
+                flags.FLAGS([script.__name__ + ".py", *argv])
+                cli.guard(script.main)([script.__name__])
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+        outcomes.append({{"returncode": code, "stderr": captured.getvalue()}})
+    return outcomes
+
+print("BATCH_RESULTS " + json.dumps(script_forks.each_in_a_fork(list(argvs_by_module), run_all)))
 """
 
 
@@ -309,16 +316,18 @@ def run_cases_batched(cases: list[Case], scratch: str) -> list[dict]:
         if case.prefix or case.own_process:
             results[i] = run_case(case, scratch)
         else:
-            groups.setdefault(case.script, []).append(i)
-    for script, members in groups.items():
-        argvs = [prepare(cases[i], scratch)[1] for i in members]
-        code = _BATCH_DRIVER.format(root=ROOT, module=script.removesuffix(".py"))
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=json.dumps(argvs),
-                              capture_output=True, text=True, timeout=TIMEOUT)
-        marked = [line for line in done.stdout.splitlines() if line.startswith("BATCH_RESULTS ")]
-        if not marked:
-            raise RuntimeError(f"batch of {script} failed: {done.stderr[-2000:]}")
-        for i, outcome in zip(members, json.loads(marked[-1].split(" ", 1)[1])):
+            groups.setdefault(case.script.removesuffix(".py"), []).append(i)
+    argvs = {module: [prepare(cases[i], scratch)[1] for i in members]
+             for module, members in groups.items()}
+    code = _BATCH_DRIVER.format(root=ROOT, tools=os.path.join(ROOT, "tools"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=json.dumps(argvs),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    marked = [line for line in done.stdout.splitlines() if line.startswith("BATCH_RESULTS ")]
+    if not marked:
+        raise RuntimeError(f"the batched cases failed: {done.stderr[-2000:]}")
+    outcomes = json.loads(marked[-1].split(" ", 1)[1])
+    for module, members in groups.items():
+        for i, outcome in zip(members, outcomes[module]):
             results[i] = judge(cases[i], outcome["returncode"], outcome["stderr"])
     return [results[i] for i in range(len(cases))]
 

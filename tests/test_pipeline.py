@@ -232,8 +232,10 @@ def test_bad_flags_and_files_end_in_one_line(tmp_path):
 
 def test_a_killed_classifier_resumes_and_other_data_is_refused(tmp_path, data_flag):
     run_dir = str(tmp_path / "s")
+    # a given bag-of-words rate: the rate trial (10 s a launch) has tests of its own
     flags = ["--test_mode=True", data_flag, f"--ckpt_dir_save={run_dir}", "--num_epochs=2",
-             "--early_stopping_patience=0", "--sequence_length=32", "--task=sentiment"]
+             "--early_stopping_patience=0", "--sequence_length=32",
+             "--bag_of_words_learning_rate=10", "--task=sentiment"]
     # between the backup's weights and its state file
     kill_when_written([sys.executable, os.path.join(ROOT, "train_transform.py"), *flags],
                       os.path.join(run_dir, "backup", "epoch-0001.weights.h5"))
@@ -249,7 +251,7 @@ def test_a_killed_classifier_resumes_and_other_data_is_refused(tmp_path, data_fl
 @SHARES_THE_RUNS
 def test_hostile_input_ends_in_one_line(pretrained, fine_tuned, tmp_path, sample_data):
     """The fast half of benchmarks/bench_robustness.py: each case exits 2 with one line (the
-    cases of one script share a process here; the benchmark gives each its own)."""
+    cases of one script share a fork of one process here; the benchmark gives each its own)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench_robustness as br
     br.DATA_PATH = sample_data

@@ -14,35 +14,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("train_bert_lm.py", "train_bert_fine_tuning.py", "train_transform.py", "predict.py")
 OWN_MODULES = ("cli",)
 
-# Run in a child per script: each script defines its flags on import, and the four share absl's
-# global registry, so they cannot be imported into one process together.
-_DUMP = """
-import importlib, json, sys
-from absl import flags
-sys.path.insert(0, {root!r})
-importlib.import_module({module!r})
-rows = {{}}
-for module, defined in flags.FLAGS.flags_by_module_dict().items():
-    name = module.rsplit("/", 1)[-1].removesuffix(".py")
-    if name in {own!r}:
-        for flag in defined:
-            rows[flag.name] = [str(flag.default), flag.help]
-print(json.dumps(rows))
+TOOLS = os.path.join(ROOT, "tools")
+
+# In a child process: the scripts are imported in forks of it (tools/script_forks.py)
+_DUMP = f"""
+import json, sys
+sys.path[:0] = [{ROOT!r}, {TOOLS!r}]
+import flags_table, script_forks
+modules = [script.removesuffix(".py") for script in flags_table.SCRIPTS]
+print(json.dumps(script_forks.each_in_a_fork(modules, flags_table.own_flags)))
 """
 
 
-def script_flags(script: str) -> dict[str, list[str]]:
-    module = script.removesuffix(".py")
-    code = _DUMP.format(root=ROOT, module=module, own=(module, *OWN_MODULES))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+def own_flags(script) -> dict[str, list[str]]:
+    """{flag name: [default, help]} of the flags an imported `script` module and cli define."""
+    from absl import flags
+    rows = {}
+    for path, defined in flags.FLAGS.flags_by_module_dict().items():
+        if path.rsplit("/", 1)[-1].removesuffix(".py") in (script.__name__, *OWN_MODULES):
+            rows.update({flag.name: [str(flag.default), flag.help] for flag in defined})
+    return rows
+
+
+def all_script_flags() -> dict[str, dict[str, list[str]]]:
+    """{script module: its own_flags} for each of SCRIPTS."""
+    out = subprocess.run([sys.executable, "-c", _DUMP], capture_output=True, text=True,
                          cwd=ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def table() -> str:
     parts = []
+    tables = all_script_flags()
     for script in SCRIPTS:
-        rows = script_flags(script)
+        rows = tables[script.removesuffix(".py")]
         parts += [f"**{script}**", "", "| flag | default | meaning |", "|---|---|---|"]
         parts += [f"| `--{name}` | {default} | {help_text.replace('|', '/')} |"
                   for name, (default, help_text) in sorted(rows.items())]
