@@ -76,7 +76,8 @@ class Predictor:
         config = model.ModelConfig.from_json(run.verified(run_directory.CONFIG))
         # runs from before the bag-of-words model have no key: they had none
         self.classifier = model.build_scoring_classifier(
-            config, len(self.labels), dropout, bool(info.get("bag_of_words", False)))
+            config, len(self.labels), dropout, bool(info.get("bag_of_words", False)),
+            int(info.get("bag_of_words_ngrams") or 1), int(info.get("bag_of_words_num_ngrams", 0)))
         weights = run.verified(run_directory.CLASSIFIER_WEIGHTS)
         try:
             self.classifier.load_weights(weights)

@@ -98,7 +98,7 @@ def main(_):
         classifier = classifier_task.build_and_compile(
             backbone, *data.splits["train"], epochs, data.steps_per_epoch(), settings,
             FLAGS.backbone_lr_scale, FLAGS.freeze_backbone)
-    classifier_task.save_run_files(run, data, config, settings)
+    classifier_task.save_run_files(run, data, config, settings, classifier)
     start = classifier_task.evaluate(classifier, data, "valid")
     print(f"before fine-tuning: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f} "
           f"(micro {start['micro_f1']:.4f}, macro {start['macro_f1']:.4f})")

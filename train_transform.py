@@ -59,7 +59,7 @@ def main(_):
         classifier = classifier_task.build_and_compile(
             model.build_backbone(config, first_position_only=True), *data.splits["train"],
             epochs, data.steps_per_epoch(), settings)
-    classifier_task.save_run_files(run, data, config, settings)
+    classifier_task.save_run_files(run, data, config, settings, classifier)
     start = classifier_task.evaluate(classifier, data, "valid")
     print(f"before training: valid loss {start['loss']:.4f}, F1 {start['f1']:.4f}")
 

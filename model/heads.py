@@ -137,46 +137,95 @@ class MultiLabelHead(keras.layers.Layer):
                 "dropout": self.dropout, "initializer_range": self.initializer_range}
 
 
+# Token ids stay below this, so an n-gram's key (its ids as the digits of a number in this base)
+# names it exactly, with no hashing collisions; a trigram's key stays below 2**60.
+NGRAM_BASE = 1 << 20
+
+
+def ngram_keys(token_ids, order: int):
+    """The `order`-grams of `token_ids` [B,T] -> (int64 keys [B, T-order+1], and whether each
+    n-gram is words only: no [PAD], [UNK] or other special id)."""
+    length = ops.shape(token_ids)[1]
+    keys, whole = None, None
+    for i in range(order):
+        part = token_ids[:, i:length - (order - 1 - i)]
+        keys = ops.cast(part, "int64") if keys is None else keys * NGRAM_BASE + ops.cast(part,
+                                                                                         "int64")
+        words = part >= FIRST_WORD_ID
+        whole = words if whole is None else ops.logical_and(whole, words)
+    return keys, whole
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class BagOfWordsLogits(keras.layers.Layer):
     """A linear model over the text's TF-IDF vector, one logit per label: what TF-IDF + logistic
     regression computes, inside the classifier and trained with it.
 
-    Each word's value is (1 + ln tf) * idf, the vector is L2-normalised (scikit-learn's
-    `TfidfVectorizer(sublinear_tf=True)`), and the logits are its product with a [vocab, labels]
-    kernel that starts at zero. [PAD], [UNK] and the other special ids are left out. `idf` is a
-    non-trainable weight set from the training split (`set_document_frequencies`), so it is
-    saved and restored with the model.
+    The features are the words of the vocabulary and, with `ngram_size` > 1, `num_ngrams`
+    known n-grams of 2 to `ngram_size` words (the training split's frequent ones: set them with
+    set_document_frequencies; others are left out, as TfidfVectorizer leaves out what its
+    vocabulary lacks). Each feature's value is (1 + ln tf) * idf, the vector is L2-normalised
+    (scikit-learn's `TfidfVectorizer(sublinear_tf=True)`), and the logits are its product with a
+    [features, labels] kernel that starts at zero. [PAD], [UNK] and the other special ids are
+    left out. `idf` and the n-grams' keys are non-trainable weights set from the training split,
+    so they are saved and restored with the model.
     Call: `token_ids [B,T]` -> `[B, num_labels]`.
     """
 
-    def __init__(self, vocab_size: int, num_labels: int, **kwargs):
+    def __init__(self, vocab_size: int, num_labels: int, ngram_size: int = 1,
+                 num_ngrams: int = 0, **kwargs):
         kwargs.setdefault("dtype", "float32")  # TF-IDF sums and norms: float32 always
         super().__init__(**kwargs)
+        if num_ngrams and vocab_size > NGRAM_BASE:
+            raise ValueError(f"n-grams need a vocabulary of at most {NGRAM_BASE:,} tokens, "
+                             f"not {vocab_size:,}")
         self.vocab_size, self.num_labels = vocab_size, num_labels
+        self.ngram_size, self.num_ngrams = ngram_size, num_ngrams
 
     def build(self, token_ids_shape):
-        self.kernel = self.add_weight(shape=(self.vocab_size, self.num_labels),
-                                      initializer="zeros", name="kernel")
-        self.idf = self.add_weight(shape=(self.vocab_size,), initializer="ones", trainable=False,
+        features = self.vocab_size + self.num_ngrams
+        self.kernel = self.add_weight(shape=(features, self.num_labels), initializer="zeros",
+                                      name="kernel")
+        self.idf = self.add_weight(shape=(features,), initializer="ones", trainable=False,
                                    name="idf")
+        if self.num_ngrams:
+            # sorted ascending, so that a lookup is a binary search
+            self.known_ngrams = self.add_weight(shape=(self.num_ngrams,), dtype="int64",
+                                                initializer="zeros", trainable=False,
+                                                name="known_ngrams")
         self.built = True
 
+    def feature_ids(self, token_ids):
+        """token_ids [B,T] -> (feature ids [B,F], 1.0 where a feature is present [B,F]): the
+        words, then each known n-gram as vocab_size + its index in `known_ngrams`."""
+        ids, present = [token_ids], [token_ids >= FIRST_WORD_ID]
+        for order in range(2, self.ngram_size + 1) if self.num_ngrams else ():
+            keys, whole = ngram_keys(token_ids, order)
+            flat = ops.reshape(keys, (-1,))
+            index = ops.minimum(ops.searchsorted(self.known_ngrams, flat), self.num_ngrams - 1)
+            known = ops.reshape(ops.take(self.known_ngrams, index) == flat, ops.shape(keys))
+            ids.append(ops.reshape(ops.cast(index, token_ids.dtype), ops.shape(keys))
+                       + self.vocab_size)
+            present.append(ops.logical_and(whole, known))
+        ids, present = ops.concatenate(ids, axis=1), ops.concatenate(present, axis=1)
+        return ops.where(present, ids, 0), ops.cast(present, "float32")
+
     def call(self, token_ids):
-        words = ops.cast(token_ids >= FIRST_WORD_ID, "float32")
-        # how often each position's word occurs in its row: [B,T,T] comparisons, cheap beside
-        # the backbone at the lengths a classifier reads
-        same = ops.cast(ops.expand_dims(token_ids, 2) == ops.expand_dims(token_ids, 1), "float32")
-        counts = ops.maximum(ops.sum(same * ops.expand_dims(words, 1), axis=-1), 1.0)
-        # spread a word's (1 + ln tf) * idf over its tf occurrences
-        value = words * (1.0 + ops.log(counts)) / counts * ops.take(self.idf, token_ids)
+        ids, present = self.feature_ids(token_ids)
+        # how often each position's feature occurs in its row: [B,F,F] comparisons, cheap
+        # beside the backbone at the lengths a classifier reads
+        same = ops.cast(ops.expand_dims(ids, 2) == ops.expand_dims(ids, 1), "float32")
+        counts = ops.maximum(ops.sum(same * ops.expand_dims(present, 1), axis=-1), 1.0)
+        # spread a feature's (1 + ln tf) * idf over its tf occurrences
+        value = present * (1.0 + ops.log(counts)) / counts * ops.take(self.idf, ids)
         norm = ops.sqrt(ops.sum(value * value * counts, axis=1, keepdims=True))
         weights = value / ops.maximum(norm, 1e-6)
-        return ops.einsum("bt,btl->bl", weights, ops.take(self.kernel, token_ids, axis=0))
+        return ops.einsum("bt,btl->bl", weights, ops.take(self.kernel, ids, axis=0))
 
     def compute_output_shape(self, token_ids_shape):
         return (token_ids_shape[0], self.num_labels)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "vocab_size": self.vocab_size,
-                "num_labels": self.num_labels}
+                "num_labels": self.num_labels, "ngram_size": self.ngram_size,
+                "num_ngrams": self.num_ngrams}

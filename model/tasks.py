@@ -9,7 +9,8 @@ from keras import ops
 from .backbone import (INPUT_NAMES, PAD_ID, backbone_features, backbone_inputs, build_backbone,
                        get_token_embedding, trim_padding)
 from .config import ModelConfig
-from .heads import BagOfWordsLogits, MaskedLMHead, MultiLabelHead, NextSentenceHead
+from .heads import (BagOfWordsLogits, MaskedLMHead, MultiLabelHead, NextSentenceHead,
+                    ngram_keys)
 from .layers import PACKAGE, with_layer_deserialized
 
 
@@ -69,13 +70,15 @@ def build_pretraining_model(backbone: keras.Model, use_nsp: bool = False) -> ker
 
 
 def build_classifier(backbone: keras.Model, num_labels: int, dropout: float,
-                     bag_of_words: bool = False) -> keras.Model:
+                     bag_of_words: bool = False, ngram_size: int = 1,
+                     num_ngrams: int = 0) -> keras.Model:
     """Backbone inputs -> one logit per label [B, num_labels] (sigmoid for probabilities).
 
     With `bag_of_words` the logits are the head's on the pooled output plus a linear model over
     the text's TF-IDF vector (BagOfWordsLogits; set its idf with set_document_frequencies): the
     pooled vector has d_model numbers for hundreds of labels, while a linear model reads every
-    word of the vocabulary, so each covers what the other misses.
+    word of the vocabulary, so each covers what the other misses. `ngram_size`, `num_ngrams`:
+    the n-grams it counts besides words (BagOfWordsLogits).
     """
     inputs = backbone_inputs()
     pooled = backbone(inputs)["pooled_output"]
@@ -83,39 +86,87 @@ def build_classifier(backbone: keras.Model, num_labels: int, dropout: float,
     logits = MultiLabelHead(embeddings.d_model, num_labels, dropout, embeddings.initializer_range,
                             name="classifier_head")(pooled)
     if bag_of_words:
-        logits = logits + BagOfWordsLogits(embeddings.vocab_size, num_labels,
-                                           name="bag_of_words")(inputs["token_ids"])
+        logits = logits + BagOfWordsLogits(embeddings.vocab_size, num_labels, ngram_size,
+                                           num_ngrams, name="bag_of_words")(inputs["token_ids"])
     return keras.Model(inputs, logits, name="classifier")
 
 
 def build_scoring_classifier(config: ModelConfig, num_labels: int, dropout: float,
-                             bag_of_words: bool = False) -> keras.Model:
+                             bag_of_words: bool = False, ngram_size: int = 1,
+                             num_ngrams: int = 0) -> keras.Model:
     """`build_classifier` on a new backbone of `config` whose last Transformer block computes the
     [CLS] position alone, as the classifiers train: for scoring (predict.py, its export). It
     loads a trained classifier's weight file, whichever backbone that was trained with."""
     return build_classifier(build_backbone(config, first_position_only=True), num_labels,
-                            dropout, bag_of_words)
+                            dropout, bag_of_words, ngram_size, num_ngrams)
 
 
-def build_bag_of_words_classifier(vocab_size: int, priors: np.ndarray) -> keras.Model:
+def build_bag_of_words_classifier(vocab_size: int, priors: np.ndarray, ngram_size: int = 1,
+                                  num_ngrams: int = 0) -> keras.Model:
     """The classifier's bag-of-words model alone (a layer named "bag_of_words"), its logits
     offset by the log-odds of `priors` [num_labels] (fixed): for trying the linear part's
     learning rate in seconds, without the backbone. Same inputs and outputs as
     build_classifier's model."""
     inputs = backbone_inputs()
-    logits = BagOfWordsLogits(vocab_size, len(priors), name="bag_of_words")(inputs["token_ids"])
+    logits = BagOfWordsLogits(vocab_size, len(priors), ngram_size, num_ngrams,
+                              name="bag_of_words")(inputs["token_ids"])
     return keras.Model(inputs, logits + ops.convert_to_tensor(label_log_odds(priors)),
                        name="bag_of_words_classifier")
 
 
-def set_document_frequencies(classifier: keras.Model, token_ids: np.ndarray) -> None:
-    """Set the bag-of-words idf from training rows [N,T]: ln((1 + N) / (1 + df)) + 1, where df
-    is the number of rows holding the word (scikit-learn's smoothed idf)."""
-    layer = classifier.get_layer("bag_of_words")
-    ordered = np.sort(token_ids, axis=1)
+# The n-grams the bag-of-words model counts: those in at least NGRAM_MIN_ROWS training rows
+# (TfidfVectorizer's min_df=2: most n-grams occur once, and a feature seen once is noise), the
+# NGRAM_LIMIT most widespread at most, so that the [features, labels] kernel stays bounded.
+NGRAM_MIN_ROWS = 2
+NGRAM_LIMIT = 100_000
+
+
+def ngram_vocabulary(token_ids: np.ndarray, ngram_size: int,
+                     batch_size: int = 4096) -> np.ndarray:
+    """The keys (heads.ngram_keys) of the 2- to `ngram_size`-grams of words that the
+    bag-of-words model should count, from training rows [N,T]: sorted int64 [num_ngrams]."""
+    if ngram_size < 2:
+        return np.zeros(0, np.int64)
+    found_in_rows = []
+    for start in range(0, len(token_ids), batch_size):
+        batch, keys = token_ids[start:start + batch_size], []
+        for order in range(2, ngram_size + 1):
+            order_keys, whole = (ops.convert_to_numpy(x) for x in ngram_keys(batch, order))
+            keys.append(np.where(whole, order_keys, -1))
+        each_row = distinct_in_each_row(np.concatenate(keys, axis=1))
+        found_in_rows.append(each_row[each_row >= 0])
+    found, df = np.unique(np.concatenate(found_in_rows), return_counts=True)
+    kept = found[df >= NGRAM_MIN_ROWS]
+    if len(kept) > NGRAM_LIMIT:
+        widespread = np.argsort(-df[df >= NGRAM_MIN_ROWS], kind="stable")[:NGRAM_LIMIT]
+        kept = kept[widespread]
+    return np.sort(kept).astype(np.int64)
+
+
+def distinct_in_each_row(values: np.ndarray) -> np.ndarray:
+    """Each row's distinct values, flattened [<= N*T] (a row's repeats dropped: for counting
+    the rows a value occurs in)."""
+    ordered = np.sort(values, axis=1)
     first = np.ones_like(ordered, bool)
-    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]  # each word once a row
-    df = np.bincount(ordered[first], minlength=layer.vocab_size)[:layer.vocab_size]
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    return ordered[first]
+
+
+def set_document_frequencies(classifier: keras.Model, token_ids: np.ndarray,
+                             ngrams: np.ndarray | None = None, batch_size: int = 512) -> None:
+    """Set the bag-of-words n-grams (`ngrams`, from ngram_vocabulary, when it counts any) and
+    its idf from training rows [N,T]: ln((1 + N) / (1 + df)) + 1, where df is the number of
+    rows holding the feature (scikit-learn's smoothed idf)."""
+    layer = classifier.get_layer("bag_of_words")
+    if layer.num_ngrams:
+        layer.known_ngrams.assign(ngrams)
+    features = layer.vocab_size + layer.num_ngrams
+    df = np.zeros(features, np.int64)
+    for start in range(0, len(token_ids), batch_size):
+        ids, present = (ops.convert_to_numpy(x)
+                        for x in layer.feature_ids(token_ids[start:start + batch_size]))
+        each_row = distinct_in_each_row(np.where(present > 0, ids, -1))
+        df += np.bincount(each_row[each_row >= 0], minlength=features)[:features]
     layer.idf.assign((np.log((1 + len(token_ids)) / (1 + df)) + 1).astype(np.float32))
 
 

@@ -2,6 +2,7 @@
 save/load strictly. Tiny configs: d_model 32, 2 layers."""
 import dataclasses
 import json
+import re
 import warnings
 
 import keras
@@ -269,6 +270,8 @@ LAYER_CASES = {
                         lambda: (_sequence()[:, 0],)),
     "bag_of_words": (lambda: model.BagOfWordsLogits(50, 5, name="bag_of_words"),
                      lambda: (random_ids(2, 6),)),
+    "bag_of_words_ngrams": (lambda: model.BagOfWordsLogits(50, 5, 3, 4, name="bag_of_words"),
+                            lambda: (random_ids(2, 6),)),
     "mlm_head": (lambda: model.MaskedLMHead(_built_embedding(), name="mlm_head"),
                  lambda: (_sequence(), np.array([[1, 4], [0, 3]], np.int32))),
 }
@@ -297,6 +300,51 @@ def test_bag_of_words_logits_are_scikit_learns_tf_idf_times_the_kernel():
     np.testing.assert_allclose(layer(ids), tf_idf @ kernel[columns], atol=1e-5)
     padded = np.pad(ids, [[0, 0], [0, 8]])
     np.testing.assert_allclose(layer(padded), layer(ids), atol=1e-6)
+
+
+def test_bag_of_words_n_grams_are_scikit_learns_with_the_same_vocabulary():
+    """Words and the 2- and 3-grams found in 2 rows or more, as TfidfVectorizer computes them
+    with that vocabulary; an n-gram never spans a special id ([UNK] and the like) or [PAD]."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    rng = np.random.default_rng(1)
+    ids = np.zeros((12, 20), np.int32)
+    for row in range(12):
+        length = rng.integers(4, 20)
+        ids[row, :length] = rng.choice([0, 1, 5, 6, 7, 8, 9], length, p=[0.05] * 2 + [0.18] * 5)
+    ids[:, 0] = 2
+    ids[11, 1:] = 1
+    ngrams = model.ngram_vocabulary(ids, 3)
+    assert np.all(np.diff(ngrams) > 0) and len(ngrams) > 20
+    classifier = model.build_classifier(model.build_backbone(tiny_config("textcnn", vocab_size=10)),
+                                        3, 0.1, bag_of_words=True, ngram_size=3,
+                                        num_ngrams=len(ngrams))
+    model.set_document_frequencies(classifier, ids, ngrams)
+    layer = classifier.get_layer("bag_of_words")
+    kernel = rng.normal(size=(10 + len(ngrams), 3)).astype(np.float32)
+    layer.kernel.assign(kernel)
+
+    def words_of(key: int) -> str:
+        digits = []
+        while key:
+            key, digit = divmod(key, model.NGRAM_BASE)
+            digits.insert(0, str(digit))
+        return " ".join(digits)
+
+    def features(text: str) -> list[str]:
+        """The words and 1- to 3-grams of each run of words between special ids."""
+        out = []
+        for run in re.split(r"\b[0-4]\b", text):
+            words = run.split()
+            out += [" ".join(words[i:i + n]) for n in (1, 2, 3) for i in range(len(words) - n + 1)]
+        return out
+
+    vocabulary = [str(i) for i in range(5, 10)] + [words_of(int(key)) for key in ngrams]
+    texts = [" ".join(map(str, row)) for row in ids]
+    tf_idf = TfidfVectorizer(analyzer=features, sublinear_tf=True,
+                             vocabulary=vocabulary).fit_transform(texts).toarray()
+    np.testing.assert_allclose(layer(ids), tf_idf @ kernel[5:], atol=1e-5)
+    np.testing.assert_allclose(layer(np.pad(ids, [[0, 0], [0, 5]])), layer(ids), atol=1e-6)
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)
@@ -676,6 +724,23 @@ def test_bag_of_words_rate_is_chosen_on_valid_and_the_seed_restored(capsys):
         classifier_task.build_and_compile(
             model.build_backbone(tiny_config("textcnn", vocab_size=60)),
             *data.splits["train"], 2, 8, settings)
+
+
+def test_characters_bring_their_n_grams_into_the_bag_of_words_by_default_words_do_not():
+    vocab = data_util.Vocabulary(list(data_util.SPECIAL_TOKENS)
+                                 + [f"w{i}" for i in range(60 - len(data_util.SPECIAL_TOKENS))])
+    given_rate = classifier_task.ClassifierSettings(bag_of_words_learning_rate=10.0)
+    for style, size in (("char", 3), ("space", 1)):
+        data = classifier_task.ClassificationData(
+            vocab, ["a", "b"], style,
+            {"train": word_label_data(256, 0), "valid": word_label_data(128, 1)}, 32, 12)
+        settings = classifier_task.choose_data_settings(data, 10, given_rate)
+        assert settings.bag_of_words_ngrams == size
+        classifier = classifier_task.build_and_compile(
+            model.build_backbone(tiny_config("textcnn", vocab_size=60)),
+            *data.splits["train"], 2, 8, settings)
+        layer = classifier.get_layer("bag_of_words")
+        assert layer.ngram_size == size and (layer.num_ngrams > 100) == (size > 1)
 
 
 TWO_REPLICA_LOSS = """

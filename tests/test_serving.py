@@ -22,6 +22,7 @@ import serving
 
 LABELS = ["place", "org", "person", "time"]
 SEQUENCE_LENGTH = 10
+NGRAM_SIZE = 2  # the runs' bag-of-words models count bigrams too: the export must carry them
 LONG = " ".join(["北京", "上海", "陌生"] * 12)  # 36 tokens: truncated to SEQUENCE_LENGTH - 1
 
 # What a client sends, per tokenize style; predict.py reads the same lines (word: raw text).
@@ -79,13 +80,19 @@ def tiny_classifier(vocab: data_util.Vocabulary, labels: list[str], backbone: st
     config = model.ModelConfig(backbone=backbone, vocab_size=len(vocab), d_model=16,
                                num_filters=8, filter_sizes=(2, 3), num_layer=2, num_header=2,
                                d_k=8, d_v=8, d_ff=32, max_position=32, initializer_range=0.5)
-    classifier = model.build_classifier(model.build_backbone(config), len(labels), 0.1,
-                                        bag_of_words=True)
-    # the bag-of-words model starts at zero; random weights and idf make it count in the test
+    # the bag-of-words model (with bigrams) starts at zero; random weights and idf make it
+    # count in the test
     rng = np.random.default_rng(0)
-    bag = classifier.get_layer("bag_of_words")
-    bag.kernel.assign(rng.normal(0, 0.5, bag.kernel.shape).astype(np.float32))
-    model.set_document_frequencies(classifier, rng.integers(0, len(vocab), (20, 12)))
+    word_kernel = rng.normal(0, 0.5, (len(vocab), len(labels)))
+    rows = rng.integers(0, len(vocab), (20, 12))
+    ngrams = model.ngram_vocabulary(rows, NGRAM_SIZE)
+    assert len(ngrams) > 0
+    classifier = model.build_classifier(model.build_backbone(config), len(labels), 0.1,
+                                        bag_of_words=True, ngram_size=NGRAM_SIZE,
+                                        num_ngrams=len(ngrams))
+    kernel = np.concatenate([word_kernel, rng.normal(0, 0.5, (len(ngrams), len(labels)))])
+    classifier.get_layer("bag_of_words").kernel.assign(kernel.astype(np.float32))
+    model.set_document_frequencies(classifier, rows, ngrams)
     return config, classifier
 
 
@@ -95,12 +102,13 @@ def save_run(run_dir: str, vocab: data_util.Vocabulary, labels: list[str], style
     """A finished classifier run written as the training scripts write one; `made`: the
     (config, classifier) of tiny_classifier, else a fresh one."""
     config, classifier = made or tiny_classifier(vocab, labels)
-    settings = classifier_task.ClassifierSettings(sequence_length=SEQUENCE_LENGTH, dropout=0.1)
+    settings = classifier_task.ClassifierSettings(sequence_length=SEQUENCE_LENGTH, dropout=0.1,
+                                                  bag_of_words_ngrams=NGRAM_SIZE)
     data = classifier_task.ClassificationData(vocab, labels, style, {}, settings.batch_size,
                                               SEQUENCE_LENGTH)
     run, _ = run_directory.open_for_training(run_dir, "classifier", {"style": style}, False)
     try:
-        classifier_task.save_run_files(run, data, config, settings)
+        classifier_task.save_run_files(run, data, config, settings, classifier)
         run.save_weights(classifier, run_directory.CLASSIFIER_WEIGHTS)
         if thresholds is not None:
             run.write_json(run_directory.THRESHOLDS, {"rule": "test", "thresholds": dict(
