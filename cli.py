@@ -364,7 +364,8 @@ def define_classifier_flags(default_ckpt_dir: str, learning_rate_help: str) -> N
                          "3 with --tokenize_style=char, else 1. On 1,000 raw reviews read as "
                          "characters, TF-IDF + LR scored 0.770 with single characters and 0.794 "
                          "with 1- to 3-grams; with jieba words, bigrams gave +0.006 on the "
-                         "reviews and -0.031 on the many-label sample task.",
+                         "reviews and -0.015 to -0.031 on the many-label sample task (TF-IDF + "
+                         "LR, benchmarks/results/raw_reviews_char_probe.md).",
                          lower_bound=1, upper_bound=3)
     flags.DEFINE_float("weight_averaging", None, "Score, keep and predict with a moving average "
                        "of the weights (Polyak averaging: the optimizer's exponential moving "

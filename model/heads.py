@@ -146,13 +146,11 @@ def ngram_keys(token_ids, order: int):
     """The `order`-grams of `token_ids` [B,T] -> (int64 keys [B, T-order+1], and whether each
     n-gram is words only: no [PAD], [UNK] or other special id)."""
     length = ops.shape(token_ids)[1]
-    keys, whole = None, None
-    for i in range(order):
-        part = token_ids[:, i:length - (order - 1 - i)]
-        keys = ops.cast(part, "int64") if keys is None else keys * NGRAM_BASE + ops.cast(part,
-                                                                                         "int64")
-        words = part >= FIRST_WORD_ID
-        whole = words if whole is None else ops.logical_and(whole, words)
+    parts = [token_ids[:, i:length - (order - 1 - i)] for i in range(order)]
+    keys, whole = ops.cast(parts[0], "int64"), parts[0] >= FIRST_WORD_ID
+    for part in parts[1:]:
+        keys = keys * NGRAM_BASE + ops.cast(part, "int64")
+        whole = ops.logical_and(whole, part >= FIRST_WORD_ID)
     return keys, whole
 
 
