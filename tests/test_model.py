@@ -616,7 +616,7 @@ def test_toy_task_is_learnt_in_mixed_bfloat16(backbone, mixed_bfloat16):
 def test_trains_a_step_under_xla(backbone):
     """The models the scripts compile with --jit_compile, which the default tier trains without
     XLA (each compile here is 15 s): the pretraining model as train_bert_lm.py builds it (the
-    last block computing the masked rows alone), and the classifier."""
+    last block computing the masked rows alone), and the classifier as the scripts build it."""
     ids = random_ids(4, 8)
     x = {**inputs_for(ids), "masked_positions": np.array([[1, 2]] * 4, np.int32)}
     y = {"mlm": ids[:, 1:3], "nsp": np.array([0, 1, 0, 1], np.int32)}
@@ -625,8 +625,12 @@ def test_trains_a_step_under_xla(backbone):
     model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(1e-3), True, True)
     logs = pretrainer.train_on_batch(x, y, return_dict=True)
     assert np.isfinite(logs["loss"]) and "mlm_accuracy" in logs and "nsp_accuracy" in logs
+    # with the bag-of-words model and its n-grams (a binary search in the graph)
+    ngrams = model.ngram_vocabulary(random_ids(16, 8, vocab_size=12), 3)
     classifier = model.build_classifier(
-        model.build_backbone(tiny_config(backbone), first_position_only=True), 3, 0.1)
+        model.build_backbone(tiny_config(backbone), first_position_only=True), 3, 0.1,
+        bag_of_words=True, ngram_size=3, num_ngrams=len(ngrams))
+    model.set_document_frequencies(classifier, random_ids(16, 8, vocab_size=12), ngrams)
     model.compile_classifier(classifier, keras.optimizers.Adam(1e-3), True)
     assert np.isfinite(classifier.train_on_batch(inputs_for(ids), np.eye(3)[[0, 1, 2, 0]]))
 
