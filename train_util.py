@@ -56,8 +56,8 @@ def get_distribution_strategy(name: str) -> tf.distribute.Strategy:
     if name == "one_device":
         # TensorFlow's default strategy, whose scope does nothing: TensorFlow places the work on
         # the first GPU, if any, by itself. OneDeviceStrategy routes every fit and predict
-        # through a multi-device iterator: on 2 CPU cores about 0.5 s more for each predict of
-        # 1,000 rows and each epoch, which made a 1,000-line fine-tuning epoch 1.7x as long.
+        # through a multi-device iterator: on one CPU core the sample sentiment fine-tuning
+        # took 1.57x as long with it (benchmarks/results/finetune_epoch.md).
         return tf.distribute.get_strategy()
     if name == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
