@@ -651,11 +651,12 @@ def test_trains_a_step_under_xla(backbone):
     logs = pretrainer.train_on_batch(x, y, return_dict=True)
     assert np.isfinite(logs["loss"]) and "mlm_accuracy" in logs and "nsp_accuracy" in logs
     # with the bag-of-words model and its n-grams (a binary search in the graph)
-    ngrams = model.ngram_vocabulary(random_ids(16, 8, vocab_size=12), 3)
+    rows = random_ids(16, 8, vocab_size=12)
+    ngrams = model.ngram_vocabulary(rows, 3)
     classifier = model.build_classifier(
         model.build_backbone(tiny_config(backbone), first_position_only=True), 3, 0.1,
         bag_of_words=True, ngram_size=3, num_ngrams=len(ngrams))
-    model.set_document_frequencies(classifier, random_ids(16, 8, vocab_size=12), ngrams)
+    model.set_document_frequencies(classifier, rows, ngrams)
     model.compile_classifier(classifier, keras.optimizers.Adam(1e-3), True)
     assert np.isfinite(classifier.train_on_batch(inputs_for(ids), np.eye(3)[[0, 1, 2, 0]]))
 
